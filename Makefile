@@ -1,0 +1,45 @@
+# Set-up and entry points. `make train` and `make test` work on a fresh machine (Python 3.11, pip,
+# root, no GPU): they create .venv, install the CPU build of torch 2.13.0 and trainkit (editable, with
+# the dev extras) and, for the tests, the Debian packages the integration tests use.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_PIN ?= torch==2.13.0
+# Debian packages used by integration tests: pods as network namespaces with real DNS, a real
+# Prometheus server scraping the exporter.
+SYSTEM_PACKAGES ?= iproute2 dnsmasq-base prometheus util-linux
+
+.PHONY: train test lint system-deps venv clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_PIN)"
+	$(BIN)/python -m pip install --quiet -e ".[dev]" "$(TORCH_PIN)"
+	touch $@
+
+venv: $(BIN)/.installed
+
+system-deps:
+	@missing=""; \
+	for pkg in $(SYSTEM_PACKAGES); do dpkg -s $$pkg >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing Debian packages:$$missing"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+		else \
+			echo "missing Debian packages:$$missing (tests that need them are skipped)"; \
+		fi; \
+	fi
+
+train: venv
+	$(BIN)/trainkit-run --standalone --nproc-per-node 2 examples/train_minimal.py
+
+lint: venv
+	$(BIN)/ruff check .
+
+test: venv system-deps lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

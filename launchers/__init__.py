@@ -1,0 +1,1 @@
+"""Launchers: ``trainkit-run`` (torchrun-compatible), the Ray launcher and pod-environment defaults."""

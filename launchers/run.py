@@ -1,0 +1,223 @@
+"""``trainkit-run``: torchrun with pod defaults, a grace period for preemption and telling exit codes.
+
+Options come from torch's own ``torch.distributed.run`` parser, so every torchrun flag, default and
+``PET_*`` variable works unchanged; workers are started and supervised by torch.distributed.elastic.
+This module never supervises processes itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from trainkit.exit_codes import (
+    EXIT_PREEMPTED,
+    EXIT_STATUS_DIR_VARIABLE,
+    RESERVED_EXIT_CODES,
+    describe_exit_code,
+)
+
+__all__ = ["build_parser", "explicit_options", "main", "resolve_exit_code"]
+
+logger = logging.getLogger("trainkit.run")
+
+GRACE_PERIOD_VARIABLE = "TRAINKIT_GRACE_PERIOD_S"
+
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """torch's torchrun parser, renamed, with trainkit's own options in a separate group."""
+    from torch.distributed.run import get_args_parser
+
+    parser = get_args_parser()
+    parser.prog = "trainkit-run"
+    parser.description = (
+        "Launch distributed training workers: every torchrun option, plus Kubernetes pod defaults. "
+        f"--shutdown-timeout defaults from {GRACE_PERIOD_VARIABLE} when set (set it a few seconds "
+        "below the pod's terminationGracePeriodSeconds)."
+    )
+    return parser
+
+
+def explicit_options(parser: argparse.ArgumentParser, argv: Sequence[str], env: Mapping[str, str]) -> set[str]:
+    """Destinations the user chose: given on the command line or through a ``PET_<DEST>`` variable."""
+    sentinel = object()
+    namespace = argparse.Namespace(**{
+        action.dest: sentinel for action in parser._actions if action.dest != argparse.SUPPRESS
+    })
+    parser.parse_args(list(argv), namespace=namespace)
+    chosen = {dest for dest, value in vars(namespace).items() if value is not sentinel}
+    chosen |= {
+        action.dest
+        for action in parser._actions
+        if action.option_strings and env.get(f"PET_{action.dest.upper()}", "") != ""
+    }
+    return chosen
+
+
+def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Reject what torchrun would only notice later (with a traceback) as a usage error, exit 2."""
+    from torch.distributed.run import parse_min_max_nnodes
+
+    try:
+        min_nodes, max_nodes = parse_min_max_nnodes(args.nnodes)
+    except (RuntimeError, ValueError):
+        parser.error(f"--nnodes {args.nnodes!r}: expected N or MIN:MAX with integers, e.g. 2 or 1:4")
+    if not 0 < min_nodes <= max_nodes:
+        parser.error(
+            f"--nnodes {args.nnodes}: the minimum ({min_nodes}) must be at least 1 and not above "
+            f"the maximum ({max_nodes})"
+        )
+    if args.max_restarts < 0:
+        parser.error(f"--max-restarts {args.max_restarts}: must be 0 or more")
+    if args.shutdown_timeout is not None and args.shutdown_timeout < 0:
+        parser.error(f"--shutdown-timeout {args.shutdown_timeout}: must be 0 or more seconds")
+    nproc = str(args.nproc_per_node)
+    if not (nproc.isdigit() and int(nproc) > 0) and nproc not in {"auto", "cpu", "gpu", "xpu"}:
+        parser.error(f"--nproc-per-node {nproc!r}: expected a positive integer or auto, cpu, gpu, xpu")
+    if args.module:
+        return
+    script = args.training_script
+    if args.no_python and not args.run_path:
+        if shutil.which(script) is None:
+            parser.error(f"program {script!r} not found (with --no-python it must be an executable on PATH)")
+    elif not Path(script).is_file():
+        parser.error(
+            f"training script {script!r} does not exist (looked in {os.getcwd()}); "
+            "use -m for a module, --no-python for a program"
+        )
+
+
+def _grace_period_s(env: Mapping[str, str], parser: argparse.ArgumentParser) -> int | None:
+    raw = env.get(GRACE_PERIOD_VARIABLE, "")
+    if raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        parser.error(f"{GRACE_PERIOD_VARIABLE}={raw!r} is not a number of seconds")
+    if value < 0:
+        parser.error(f"{GRACE_PERIOD_VARIABLE}={raw!r} must be 0 or more seconds")
+    return int(value)
+
+
+def apply_trainkit_defaults(
+    parser: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    explicit: set[str],
+    env: Mapping[str, str],
+) -> list[str]:
+    """Fill in what trainkit decides when the user did not; returns one line per decision."""
+    notes: list[str] = []
+    if "shutdown_timeout" not in explicit:
+        grace = _grace_period_s(env, parser)
+        if grace is not None:
+            args.shutdown_timeout = grace
+            notes.append(f"--shutdown-timeout {grace} (from {GRACE_PERIOD_VARIABLE})")
+    return notes
+
+
+def resolve_exit_code(failures: Mapping[int, object]) -> tuple[int, int, object]:
+    """Pick the launcher's exit code from worker failures: (exit code, first rank, first failure).
+
+    All failures preempted -> EXIT_PREEMPTED; the first failure's code when it is reserved by
+    trainkit; 1 otherwise. The first failure is the earliest by timestamp, as torch reports it.
+    """
+    first_rank, first = min(failures.items(), key=lambda item: (item[1].timestamp, item[0]))  # type: ignore[attr-defined]
+    codes = {failure.exitcode for failure in failures.values()}  # type: ignore[attr-defined]
+    if codes == {EXIT_PREEMPTED}:
+        return EXIT_PREEMPTED, first_rank, first
+    if first.exitcode in RESERVED_EXIT_CODES:  # type: ignore[attr-defined]
+        return first.exitcode, first_rank, first  # type: ignore[attr-defined]
+    return 1, first_rank, first
+
+
+def _workers_exit_codes(status_dir: Path) -> dict[int, int]:
+    codes: dict[int, int] = {}
+    for path in status_dir.glob("rank-*"):
+        try:
+            codes[int(path.name.removeprefix("rank-"))] = int(path.read_text().strip())
+        except (OSError, ValueError):
+            continue
+    return codes
+
+
+def _exit_after_signal(sigval: int, status_dir: Path, num_local_workers: int) -> int:
+    """After a signal: EXIT_PREEMPTED when every local worker reported a committed preemption save."""
+    codes = _workers_exit_codes(status_dir)
+    if len(codes) >= num_local_workers and set(codes.values()) == {EXIT_PREEMPTED}:
+        print(
+            f"trainkit-run: got {signal.Signals(sigval).name}; all {len(codes)} workers saved an agreed "
+            f"checkpoint and exited {EXIT_PREEMPTED} (preempted)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_PREEMPTED
+    print(f"trainkit-run: stopped by {signal.Signals(sigval).name}", file=sys.stderr, flush=True)
+    return 128 + int(sigval)
+
+
+def _summarise_failure(error: BaseException) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+    failures = error.failures  # type: ignore[attr-defined]
+    code, rank, first = resolve_exit_code(failures)
+    error_file = first.error_file  # type: ignore[attr-defined]
+    if os.path.isfile(error_file):
+        # Like torchrun's @record: copy the root cause into this launcher's own error file.
+        get_error_handler().dump_error_file(error_file, first.exitcode)  # type: ignore[attr-defined]
+    print(error.format_msg(), file=sys.stderr)  # type: ignore[attr-defined]
+    print(
+        f"trainkit-run: worker rank {rank} (local rank {first.local_rank}) failed first with exit "  # type: ignore[attr-defined]
+        f"code {first.exitcode} ({describe_exit_code(first.exitcode)}); error file: {error_file}; "  # type: ignore[attr-defined]
+        f"{len(failures)} worker(s) failed; launcher exits {code}",
+        file=sys.stderr,
+        flush=True,
+    )
+    return code
+
+
+def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    """Parse ``argv`` like torchrun, launch through torch.distributed.elastic, return the exit code."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, get_error_handler
+    from torch.distributed.run import determine_local_world_size
+    from torch.distributed.run import run as torch_run
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    env = os.environ if env is None else env
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _validate(parser, args)
+    explicit = explicit_options(parser, argv, env)
+    for note in apply_trainkit_defaults(parser, args, explicit, env):
+        print(f"trainkit-run: {note}", file=sys.stderr, flush=True)
+
+    get_error_handler().initialize()
+    status_dir = Path(tempfile.mkdtemp(prefix="trainkit-exit-"))
+    # Workers inherit the agent's environment; this directory is how they report a preempted exit.
+    os.environ[EXIT_STATUS_DIR_VARIABLE] = str(status_dir)
+    try:
+        torch_run(args)
+        return 0
+    except ChildFailedError as error:
+        return _summarise_failure(error)
+    except SignalException as error:
+        return _exit_after_signal(error.sigval, status_dir, determine_local_world_size(args.nproc_per_node))
+    finally:
+        shutil.rmtree(status_dir, ignore_errors=True)
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""trainkit-run accepts every option of torch's torchrun parser, with the same defaults."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from torch.distributed.run import get_args_parser
+
+from launchers.run import apply_trainkit_defaults, build_parser, explicit_options, resolve_exit_code
+from trainkit.exit_codes import EXIT_PREEMPTED
+
+
+def torch_options() -> list[argparse.Action]:
+    return [action for action in get_args_parser()._actions if action.option_strings and action.dest != "help"]
+
+
+def test_every_torchrun_option_exists_with_the_same_default_and_choices() -> None:
+    ours = {action.dest: action for action in build_parser()._actions}
+    for theirs in torch_options():
+        mine = ours[theirs.dest]
+        assert set(theirs.option_strings) <= set(mine.option_strings), theirs.option_strings
+        assert mine.default == theirs.default, theirs.dest
+        assert mine.choices == theirs.choices, theirs.dest
+        assert mine.nargs == theirs.nargs, theirs.dest
+
+
+@pytest.mark.parametrize("action", torch_options(), ids=lambda action: action.option_strings[-1])
+def test_every_torchrun_option_parses_the_same(action: argparse.Action) -> None:
+    if action.nargs == 0:
+        argv = [action.option_strings[0]]
+    else:
+        value = action.choices[0] if action.choices else ("3" if action.type in (int, float) else "3:4")
+        argv = [action.option_strings[-1], str(value)]
+    argv += ["train.py", "--lr", "1"]
+    expected = vars(get_args_parser().parse_args(argv))
+    assert vars(build_parser().parse_args(argv)) == expected
+
+
+def test_pet_variables_take_precedence_over_defaults_but_not_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PET_NPROC_PER_NODE", "3")
+    monkeypatch.setenv("PET_MAX_RESTARTS", "2")
+    args = build_parser().parse_args(["--max-restarts", "5", "x.py"])
+    assert (args.nproc_per_node, args.max_restarts) == ("3", 5)
+
+
+def test_explicit_options_counts_flags_and_pet_variables() -> None:
+    parser = build_parser()
+    argv = ["--nnodes", "2", "--standalone", "x.py", "--nproc-per-node", "9"]
+    chosen = explicit_options(parser, argv, {"PET_RDZV_ENDPOINT": "svc:29400"})
+    assert {"nnodes", "standalone", "rdzv_endpoint", "training_script"} <= chosen
+    assert "nproc_per_node" not in chosen  # after the script: the script's own argument
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "expected"),
+    [
+        (["x.py"], {"TRAINKIT_GRACE_PERIOD_S": "25"}, 25),
+        (["--shutdown-timeout", "7", "x.py"], {"TRAINKIT_GRACE_PERIOD_S": "25"}, 7),
+        (["x.py"], {"TRAINKIT_GRACE_PERIOD_S": "25", "PET_SHUTDOWN_TIMEOUT": "9"}, 9),
+        (["x.py"], {}, None),
+    ],
+)
+def test_shutdown_timeout_defaults_from_the_grace_period(
+    argv: list[str], env: dict[str, str], expected: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    apply_trainkit_defaults(parser, args, explicit_options(parser, argv, env), env)
+    assert args.shutdown_timeout == expected
+
+
+class Failure:
+    def __init__(self, exitcode: int, timestamp: int, local_rank: int = 0) -> None:
+        self.exitcode, self.timestamp, self.local_rank = exitcode, timestamp, local_rank
+        self.error_file = "<N/A>"
+
+
+def test_exit_code_resolution() -> None:
+    assert resolve_exit_code({0: Failure(3, 10), 1: Failure(4, 5)})[:2] == (1, 1)
+    assert resolve_exit_code({0: Failure(EXIT_PREEMPTED, 1), 1: Failure(EXIT_PREEMPTED, 2)})[0] == EXIT_PREEMPTED
+    assert resolve_exit_code({0: Failure(EXIT_PREEMPTED, 1), 1: Failure(-9, 2)})[0] == EXIT_PREEMPTED
+    assert resolve_exit_code({0: Failure(-9, 1), 1: Failure(EXIT_PREEMPTED, 2)})[0] == 1

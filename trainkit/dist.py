@@ -1,0 +1,129 @@
+"""Process-group life cycle for a worker: pick the backend, join the group, bind the device.
+
+``init()`` is idempotent and only reads the environment through ``World.from_env``; nothing here
+runs at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+
+from trainkit.world import World
+
+__all__ = ["current_world", "init", "is_initialized", "resolve_backend", "shutdown"]
+
+logger = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_world: World | None = None
+
+# Sources whose worker environment is already complete for torch's env:// rendezvous (and, under
+# torchrun, points at the agent's store through TORCHELASTIC_USE_AGENT_STORE).
+_ENV_INIT_SOURCES = {"torchrun", "ray", "env"}
+
+
+def resolve_backend(backend: str, *, cuda_available: bool) -> str:
+    """Turn ``"auto"`` into a concrete backend string; pass explicit choices through.
+
+    ``auto`` is ``cpu:gloo,cuda:nccl`` when CUDA is usable, so CPU tensors (checkpoint and
+    preemption coordination) and GPU tensors both have a backend; otherwise ``gloo``.
+    """
+    if backend == "auto":
+        return "cpu:gloo,cuda:nccl" if cuda_available else "gloo"
+    if not backend:
+        raise ValueError("backend must be 'auto', 'gloo', 'nccl' or a device map like 'cpu:gloo,cuda:nccl'")
+    if "nccl" in backend and not cuda_available:
+        raise ValueError(
+            f"backend {backend!r} needs CUDA, but torch.cuda.is_available() is False in this process; "
+            "use backend='auto' or 'gloo' on CPU"
+        )
+    return backend
+
+
+def _format_host(addr: str) -> str:
+    return f"[{addr}]" if ":" in addr and not addr.startswith("[") else addr
+
+
+def init(
+    *,
+    backend: str = "auto",
+    timeout: timedelta = timedelta(minutes=10),
+    world: World | None = None,
+) -> World:
+    """Join the training world and return it. Calling again returns the same ``World``.
+
+    Args:
+        backend: ``"auto"`` (default), ``"gloo"``, ``"nccl"`` or a device map such as
+            ``"cpu:gloo,cuda:nccl"``.
+        timeout: collective and rendezvous timeout (default 10 minutes).
+        world: the world to join; default ``World.from_env()``.
+    """
+    global _world
+    import torch
+    import torch.distributed as dist
+
+    with _lock:
+        if _world is not None and dist.is_initialized():
+            return _world
+        world = world or World.from_env()
+        cuda_available = torch.cuda.is_available()
+        resolved = resolve_backend(backend, cuda_available=cuda_available)
+
+        device_id = None
+        if cuda_available and "nccl" in resolved:
+            num_devices = torch.cuda.device_count()
+            if world.local_rank >= num_devices:
+                raise ValueError(
+                    f"local_rank {world.local_rank} has no GPU: this process sees {num_devices} "
+                    "(check CUDA_VISIBLE_DEVICES and --nproc-per-node)"
+                )
+            torch.cuda.set_device(world.local_rank)
+            device_id = torch.device("cuda", world.local_rank)
+
+        if not dist.is_initialized():
+            kwargs: dict[str, object] = {"backend": resolved, "timeout": timeout}
+            if device_id is not None:
+                kwargs["device_id"] = device_id
+            if world.source == "single":
+                # A world of one needs no network: an in-memory store avoids port clashes.
+                kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
+            elif world.source in _ENV_INIT_SOURCES:
+                kwargs.update(init_method="env://", rank=world.rank, world_size=world.world_size)
+            else:
+                host = _format_host(world.master_addr)
+                kwargs.update(
+                    init_method=f"tcp://{host}:{world.master_port}",
+                    rank=world.rank,
+                    world_size=world.world_size,
+                )
+            dist.init_process_group(**kwargs)  # type: ignore[arg-type]
+            logger.info(
+                "trainkit: rank %d/%d joined (backend %s, source %s)",
+                world.rank, world.world_size, resolved, world.source,
+            )
+        _world = world
+        return world
+
+
+def is_initialized() -> bool:
+    return current_world() is not None
+
+
+def current_world() -> World | None:
+    """The world passed to or found by ``init()``, or None before it (and after ``shutdown()``)."""
+    import torch.distributed as dist
+
+    return _world if _world is not None and dist.is_initialized() else None
+
+
+def shutdown() -> None:
+    """Leave the process group. Safe to call twice or without ``init()``."""
+    global _world
+    import torch.distributed as dist
+
+    with _lock:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        _world = None
