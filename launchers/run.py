@@ -124,19 +124,16 @@ def apply_trainkit_defaults(
     return notes
 
 
-def resolve_exit_code(failures: Mapping[int, object]) -> tuple[int, int, object]:
-    """Pick the launcher's exit code from worker failures: (exit code, first rank, first failure).
+def resolve_exit_code(exit_codes: Mapping[int, int], first_rank: int) -> int:
+    """The launcher's exit code from the failed workers' codes (global rank -> code).
 
-    All failures preempted -> EXIT_PREEMPTED; the first failure's code when it is reserved by
-    trainkit; 1 otherwise. The first failure is the earliest by timestamp, as torch reports it.
+    EXIT_PREEMPTED when every failed worker exited with it; the first failure's own code when
+    trainkit reserves it; 1 otherwise.
     """
-    first_rank, first = min(failures.items(), key=lambda item: (item[1].timestamp, item[0]))  # type: ignore[attr-defined]
-    codes = {failure.exitcode for failure in failures.values()}  # type: ignore[attr-defined]
-    if codes == {EXIT_PREEMPTED}:
-        return EXIT_PREEMPTED, first_rank, first
-    if first.exitcode in RESERVED_EXIT_CODES:  # type: ignore[attr-defined]
-        return first.exitcode, first_rank, first  # type: ignore[attr-defined]
-    return 1, first_rank, first
+    if set(exit_codes.values()) == {EXIT_PREEMPTED}:
+        return EXIT_PREEMPTED
+    first = exit_codes[first_rank]
+    return first if first in RESERVED_EXIT_CODES else 1
 
 
 def _workers_exit_codes(status_dir: Path) -> dict[int, int]:
@@ -168,7 +165,9 @@ def _summarise_failure(error: BaseException) -> int:
     from torch.distributed.elastic.multiprocessing.errors import get_error_handler
 
     failures = error.failures  # type: ignore[attr-defined]
-    code, rank, first = resolve_exit_code(failures)
+    # torch's pick: earliest timestamp, ties broken by the order in which the agent saw them.
+    rank, first = error.get_first_failure()  # type: ignore[attr-defined]
+    code = resolve_exit_code({r: failure.exitcode for r, failure in failures.items()}, rank)
     error_file = first.error_file  # type: ignore[attr-defined]
     if os.path.isfile(error_file):
         # Like torchrun's @record: copy the root cause into this launcher's own error file.

@@ -119,11 +119,14 @@ def current_world() -> World | None:
 
 
 def shutdown() -> None:
-    """Leave the process group. Safe to call twice or without ``init()``."""
+    """Leave the process group; every rank calls it. Safe to call twice or without ``init()``."""
     global _world
     import torch.distributed as dist
 
     with _lock:
         if dist.is_available() and dist.is_initialized():
+            if dist.get_world_size() > 1:
+                # Leave together: a rank tearing down gloo while a peer still talks to it aborts.
+                dist.barrier()
             dist.destroy_process_group()
         _world = None

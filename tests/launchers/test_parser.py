@@ -72,14 +72,8 @@ def test_shutdown_timeout_defaults_from_the_grace_period(
     assert args.shutdown_timeout == expected
 
 
-class Failure:
-    def __init__(self, exitcode: int, timestamp: int, local_rank: int = 0) -> None:
-        self.exitcode, self.timestamp, self.local_rank = exitcode, timestamp, local_rank
-        self.error_file = "<N/A>"
-
-
 def test_exit_code_resolution() -> None:
-    assert resolve_exit_code({0: Failure(3, 10), 1: Failure(4, 5)})[:2] == (1, 1)
-    assert resolve_exit_code({0: Failure(EXIT_PREEMPTED, 1), 1: Failure(EXIT_PREEMPTED, 2)})[0] == EXIT_PREEMPTED
-    assert resolve_exit_code({0: Failure(EXIT_PREEMPTED, 1), 1: Failure(-9, 2)})[0] == EXIT_PREEMPTED
-    assert resolve_exit_code({0: Failure(-9, 1), 1: Failure(EXIT_PREEMPTED, 2)})[0] == 1
+    assert resolve_exit_code({0: 3, 1: 4}, first_rank=1) == 1
+    assert resolve_exit_code({0: EXIT_PREEMPTED, 1: EXIT_PREEMPTED}, first_rank=0) == EXIT_PREEMPTED
+    assert resolve_exit_code({0: EXIT_PREEMPTED, 1: -9}, first_rank=0) == EXIT_PREEMPTED
+    assert resolve_exit_code({0: -9, 1: EXIT_PREEMPTED}, first_rank=0) == 1
