@@ -43,6 +43,21 @@ def build_parser() -> argparse.ArgumentParser:
         f"--shutdown-timeout defaults from {GRACE_PERIOD_VARIABLE} when set (set it a few seconds "
         "below the pod's terminationGracePeriodSeconds)."
     )
+    pod = parser.add_argument_group("trainkit")
+    pod.add_argument(
+        "--service",
+        default=None,
+        help="headless Service whose DNS records list the job's pods (default: TRAINKIT_SERVICE, "
+        "else the pod's subdomain); inside a pod without explicit rendezvous flags it selects "
+        "--rdzv-backend k8s",
+    )
+    pod.add_argument(
+        "--metrics-port",
+        type=int,
+        default=None,
+        help="serve the pod's Prometheus /metrics on this port, 0 to disable (default: "
+        "TRAINKIT_METRICS_PORT, else 9400 inside a Kubernetes pod and off elsewhere)",
+    )
     return parser
 
 
@@ -115,7 +130,12 @@ def apply_trainkit_defaults(
     env: Mapping[str, str],
 ) -> list[str]:
     """Fill in what trainkit decides when the user did not; returns one line per decision."""
-    notes: list[str] = []
+    from launchers.pod_defaults import apply_pod_defaults
+
+    try:
+        notes = apply_pod_defaults(args, explicit, env)
+    except ValueError as error:
+        parser.error(str(error))
     if "shutdown_timeout" not in explicit:
         grace = _grace_period_s(env, parser)
         if grace is not None:
@@ -190,6 +210,9 @@ def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None)
     from torch.distributed.run import determine_local_world_size
     from torch.distributed.run import run as torch_run
 
+    from trainkit.comms import CommsPlanError, apply_plan
+    from trainkit.metrics.exporter import resolve_metrics_port, start_agent_exporter
+
     argv = list(sys.argv[1:] if argv is None else argv)
     env = os.environ if env is None else env
     parser = build_parser()
@@ -199,9 +222,29 @@ def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None)
     for note in apply_trainkit_defaults(parser, args, explicit, env):
         print(f"trainkit-run: {note}", file=sys.stderr, flush=True)
 
+    # Workers inherit this process's environment: the comms plan, the metrics directory and the
+    # exit-status directory reach them that way, exactly as torchrun passes its own variables.
+    try:
+        plan = apply_plan(os.environ)
+    except CommsPlanError as error:
+        print(f"trainkit-run: {error}", file=sys.stderr, flush=True)
+        return 2
+    exported = plan.to_export()
+    if exported:
+        summary = " ".join(f"{name}={value}" for name, value in exported.items())
+        print(f"trainkit-run: comms plan: {summary} (`trainkit doctor` explains)", file=sys.stderr, flush=True)
+
+    try:
+        metrics_port = resolve_metrics_port(args.metrics_port, env)
+        exporter = start_agent_exporter(metrics_port, env=env) if metrics_port else None
+    except (OSError, ValueError) as error:
+        print(f"trainkit-run: {error}", file=sys.stderr, flush=True)
+        return 2
+    if exporter is not None:
+        os.environ.update(exporter.worker_env())
+
     get_error_handler().initialize()
     status_dir = Path(tempfile.mkdtemp(prefix="trainkit-exit-"))
-    # Workers inherit the agent's environment; this directory is how they report a preempted exit.
     os.environ[EXIT_STATUS_DIR_VARIABLE] = str(status_dir)
     try:
         torch_run(args)
@@ -212,6 +255,8 @@ def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None)
         return _exit_after_signal(error.sigval, status_dir, determine_local_world_size(args.nproc_per_node))
     finally:
         shutil.rmtree(status_dir, ignore_errors=True)
+        if exporter is not None:
+            exporter.close()
 
 
 def main() -> None:
