@@ -54,6 +54,9 @@ def init(
 ) -> World:
     """Join the training world and return it. Calling again returns the same ``World``.
 
+    Before joining, the pod's comms plan (``trainkit.comms.apply_plan``) sets the NCCL variables
+    the user left unset; ``TRAINKIT_REQUIRE_RDMA=1`` turns a TCP fallback into an error here.
+
     Args:
         backend: ``"auto"`` (default), ``"gloo"``, ``"nccl"`` or a device map such as
             ``"cpu:gloo,cuda:nccl"``.
@@ -83,6 +86,11 @@ def init(
             device_id = torch.device("cuda", world.local_rank)
 
         if not dist.is_initialized():
+            from trainkit.comms import apply_plan
+
+            # NCCL reads its variables when the communicator is created: plan first (a no-op for
+            # what trainkit-run already applied, and it never overrides the user's settings).
+            apply_plan()
             kwargs: dict[str, object] = {"backend": resolved, "timeout": timeout}
             if device_id is not None:
                 kwargs["device_id"] = device_id
