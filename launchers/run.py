@@ -211,7 +211,7 @@ def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None)
     from torch.distributed.run import run as torch_run
 
     from trainkit.comms import CommsPlanError, apply_plan
-    from trainkit.metrics.exporter import resolve_metrics_port, start_agent_exporter
+    from trainkit.metrics.exporter import start_pod_exporter
 
     argv = list(sys.argv[1:] if argv is None else argv)
     env = os.environ if env is None else env
@@ -235,8 +235,7 @@ def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None)
         print(f"trainkit-run: comms plan: {summary} (`trainkit doctor` explains)", file=sys.stderr, flush=True)
 
     try:
-        metrics_port = resolve_metrics_port(args.metrics_port, env)
-        exporter = start_agent_exporter(metrics_port, env=env) if metrics_port else None
+        exporter = start_pod_exporter(args.metrics_port, env)
     except (OSError, ValueError) as error:
         print(f"trainkit-run: {error}", file=sys.stderr, flush=True)
         return 2

@@ -14,7 +14,11 @@ from collections.abc import Sequence
 
 __all__ = ["COMMAND_MODULES", "build_parser", "main"]
 
-COMMAND_MODULES: tuple[str, ...] = ("trainkit.cli",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "trainkit.cli",
+    "trainkit.doctor",
+    "trainkit.comms.cli",
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -7,6 +7,7 @@ runs at import time.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from datetime import timedelta
 
@@ -44,6 +45,21 @@ def resolve_backend(backend: str, *, cuda_available: bool) -> str:
 
 def _format_host(addr: str) -> str:
     return f"[{addr}]" if ":" in addr and not addr.startswith("[") else addr
+
+
+def _agent_store(world: World, timeout: timedelta):
+    """A client of the elastic agent's store, namespaced by restart attempt.
+
+    torch's env:// path reuses the agent's store unprefixed; after a worker-group restart the new
+    gloo group can then read the previous attempt's addresses and fail with "Connection refused"
+    (seen with torch 2.13). A prefix per restart keeps every attempt's keys apart.
+    """
+    import torch.distributed as dist
+
+    client = dist.TCPStore(
+        world.master_addr, world.master_port, world_size=world.world_size, is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"trainkit/attempt-{world.restart_count}", client)
 
 
 def init(
@@ -97,6 +113,8 @@ def init(
             if world.source == "single":
                 # A world of one needs no network: an in-memory store avoids port clashes.
                 kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
+            elif world.source == "torchrun" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+                kwargs.update(store=_agent_store(world, timeout), rank=world.rank, world_size=world.world_size)
             elif world.source in _ENV_INIT_SOURCES:
                 kwargs.update(init_method="env://", rank=world.rank, world_size=world.world_size)
             else:

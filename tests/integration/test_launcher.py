@@ -157,3 +157,12 @@ def test_bad_input_is_a_usage_error(args: list[str], message: str) -> None:
 
 def test_console_script_is_installed() -> None:
     assert shutil.which("trainkit-run") or Path(sys.executable).with_name("trainkit-run").exists()
+
+
+def test_process_group_forms_again_after_a_restart() -> None:
+    # The restarted group must not pick up the previous attempt's addresses from the agent store.
+    script = Path(__file__).parent / "scripts" / "allreduce_restart.py"
+    result = launch(TRAINKIT_RUN, ["--standalone", "--nproc-per-node", "2", "--max-restarts", "1", str(script)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank "))
+    assert lines == ["rank 0 attempt 1 value 1024", "rank 1 attempt 1 value 1024"]

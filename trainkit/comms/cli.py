@@ -1,0 +1,96 @@
+"""``trainkit bench collectives``: the collective benchmark from the command line.
+
+Inside a launched world (RANK/WORLD_SIZE set) it measures in place; otherwise it starts
+``--nproc-per-node`` local processes with torch's own launcher and passes the flags on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+from trainkit.comms.bench import add_bench_arguments
+
+__all__ = ["register"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    bench = subparsers.add_parser("bench", help="benchmarks of this pod's runtime paths")
+    kinds = bench.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
+    collectives = kinds.add_parser(
+        "collectives",
+        help="all_reduce/all_gather/reduce_scatter/broadcast/alltoall sweep with nccl-tests' algbw/busbw",
+        description="Run inside a world (trainkit-run ... -m trainkit.comms.bench) or standalone "
+        "with --nproc-per-node local processes.",
+    )
+    add_bench_arguments(collectives)
+    collectives.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=2,
+        help="processes to start when not already inside a world (default 2)",
+    )
+    collectives.set_defaults(func=run_collectives_command)
+
+
+def _forwarded(args: argparse.Namespace) -> list[str]:
+    flags = [
+        "--ops",
+        args.ops,
+        "-b",
+        args.min_bytes,
+        "-e",
+        args.max_bytes,
+        "-f",
+        str(args.step_factor),
+        "-n",
+        str(args.iters),
+        "-w",
+        str(args.warmup_iters),
+        "--dtype",
+        args.dtype,
+        "--device",
+        args.device,
+        "--pair-bytes",
+        args.pair_bytes,
+        "--slow-threshold",
+        str(args.slow_threshold),
+    ]
+    if args.min_busbw is not None:
+        flags += ["--min-busbw", str(args.min_busbw)]
+    if args.pairwise:
+        flags.append("--pairwise")
+    if args.json_path:
+        flags += ["--json", os.path.abspath(args.json_path)]
+    return flags
+
+
+def run_collectives_command(args: argparse.Namespace) -> int:
+    from trainkit.comms import bench
+
+    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+        return bench.run_in_world(args)
+    if args.nproc_per_node < 1:
+        raise SystemExit(f"--nproc-per-node ({args.nproc_per_node}) must be at least 1")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={args.nproc_per_node}",
+        "-m",
+        "trainkit.comms.bench",
+        *_forwarded(args),
+    ]
+    return subprocess.call(command)
+
+
+def main_for_tests(argv: list[str] | None = None) -> int:
+    """``trainkit``'s parser with only this module's commands, for tests run before the CLI lists it."""
+    parser = argparse.ArgumentParser(prog="trainkit")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    register(subparsers)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
