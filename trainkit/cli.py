@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "trainkit.cli",
     "trainkit.doctor",
     "trainkit.comms.cli",
+    "trainkit.k8s.cli",
 )
 
 

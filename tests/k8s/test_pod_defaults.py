@@ -1,0 +1,127 @@
+"""trainkit-run's pod defaults: the k8s rendezvous inside a pod, explicit flags always win."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+from torch.distributed.run import get_args_parser
+
+from launchers.pod_defaults import apply_pod_defaults
+
+POD = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "POD_IP": "10.4.0.7", "TRAINKIT_SERVICE": "train"}
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    return get_args_parser().parse_args([*argv, "train.py"])
+
+
+def test_inside_a_pod_uses_the_k8s_backend_with_node_count_from_env() -> None:
+    args = parse([])
+    notes = apply_pod_defaults(
+        args, set(), {**POD, "TRAINKIT_NNODES": "2:4", "TRAINKIT_RDZV_STORE": "rdzv-store"}
+    )
+    assert (args.rdzv_backend, args.rdzv_endpoint, args.nnodes, args.local_addr) == (
+        "k8s",
+        "train:29400",
+        "2:4",
+        "10.4.0.7",
+    )
+    assert args.rdzv_conf == "store_service=rdzv-store"
+    assert any("TRAINKIT_SERVICE" in note for note in notes) and any(
+        "TRAINKIT_NNODES" in n for n in notes
+    )
+
+
+def test_service_flag_wins_over_env_and_port_from_env() -> None:
+    args = parse([])
+    args.service = "jobsvc"
+    apply_pod_defaults(args, set(), {**POD, "TRAINKIT_RDZV_PORT": "29500"})
+    assert args.rdzv_endpoint == "jobsvc:29500"
+
+
+def test_subdomain_is_the_service_when_nothing_else_names_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import launchers.pod_defaults as pod_defaults
+    from trainkit.k8s.identity import PodIdentity
+
+    identity = PodIdentity(
+        hostname="w-1",
+        subdomain="mysvc",
+        namespace="ml",
+        cluster_domain="cluster.local",
+        pod_name=None,
+        pod_ip=None,
+        workload="statefulset",
+        ordinal=1,
+        name_prefix="w",
+    )
+    monkeypatch.setattr(pod_defaults, "read_pod_identity", lambda env: identity)
+    args = parse([])
+    notes = apply_pod_defaults(args, set(), {"KUBERNETES_SERVICE_HOST": "10.96.0.1"})
+    assert (args.rdzv_backend, args.rdzv_endpoint, args.nnodes) == ("k8s", "mysvc:29400", "1:1")
+    assert "subdomain" in notes[0] and "TRAINKIT_NNODES" in notes[1]
+    monkeypatch.setattr(
+        pod_defaults,
+        "read_pod_identity",
+        lambda env: PodIdentity(**{**identity.__dict__, "subdomain": None}),
+    )
+    args = parse([])
+    assert (
+        "no headless Service"
+        in apply_pod_defaults(args, set(), {"KUBERNETES_SERVICE_HOST": "10.96.0.1"})[0]
+    )
+    assert args.rdzv_backend == "static"
+
+
+def test_outside_a_pod_nothing_changes() -> None:
+    args = parse([])
+    before = vars(args).copy()
+    assert (
+        apply_pod_defaults(args, set(), {"TRAINKIT_SERVICE": "train", "TRAINKIT_NNODES": "3"}) == []
+    )
+    assert vars(args) == before
+
+
+@pytest.mark.parametrize(
+    "flag",
+    [
+        ["--rdzv-backend", "c10d"],
+        ["--rdzv-endpoint", "x:1"],
+        ["--standalone"],
+        ["--master-addr", "a"],
+        ["--node-rank", "1"],
+    ],
+)
+def test_explicit_rendezvous_flags_switch_pod_defaults_off(flag: list[str]) -> None:
+    args = parse(flag)
+    before = vars(args).copy()
+    dest = flag[0].lstrip("-").replace("-", "_")
+    notes = apply_pod_defaults(args, {dest}, {**POD, "TRAINKIT_NNODES": "3"})
+    assert vars(args) == before
+    assert notes == [f"pod defaults off: rendezvous chosen explicitly ({flag[0]})"]
+
+
+def test_explicit_nnodes_local_addr_and_conf_are_kept() -> None:
+    args = parse(["--nnodes", "5", "--local-addr", "1.2.3.4", "--rdzv-conf", "join_timeout=9"])
+    apply_pod_defaults(
+        args,
+        {"nnodes", "local_addr", "rdzv_conf"},
+        {**POD, "TRAINKIT_NNODES": "3", "TRAINKIT_RDZV_STORE": "st"},
+    )
+    assert (args.nnodes, args.local_addr, args.rdzv_conf, args.rdzv_backend) == (
+        "5",
+        "1.2.3.4",
+        "join_timeout=9",
+        "k8s",
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("TRAINKIT_NNODES", "4:2"), ("TRAINKIT_NNODES", "x"), ("TRAINKIT_RDZV_PORT", "70000")],
+)
+def test_malformed_variables_are_named(name: str, value: str) -> None:
+    with pytest.raises(ValueError, match=f"{name}={value!r}"):
+        apply_pod_defaults(parse([]), set(), {**POD, name: value})

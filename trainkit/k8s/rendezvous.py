@@ -1,0 +1,443 @@
+"""The ``k8s`` rendezvous backend for torch.distributed.elastic: peers found through a headless Service.
+
+Membership, heartbeats and rounds are torch's dynamic (c10d) rendezvous; this module only decides
+where its store lives (found through DNS) and orders node ranks by pod ordinal. It never runs a
+scheduler or supervises processes; torchrun loads it through the ``torchrun.handlers`` entry point.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+from trainkit.k8s.dns import (
+    DiscoveryError,
+    Resolver,
+    _Attempts,
+    _backoff,
+    default_resolver,
+    format_host_port,
+    wait_for_name,
+)
+from trainkit.k8s.identity import PodIdentity, read_pod_identity, service_fqdn
+
+if TYPE_CHECKING:
+    from torch.distributed import Store
+    from torch.distributed.elastic.rendezvous import (
+        RendezvousHandler,
+        RendezvousInfo,
+        RendezvousParameters,
+    )
+
+__all__ = [
+    "DEFAULT_PORT",
+    "K8sRendezvousConfig",
+    "create_k8s_handler",
+    "handler_factory",
+    "locate_store",
+    "order_by_ordinal",
+]
+
+logger = logging.getLogger("trainkit.k8s.rendezvous")
+
+#: torch's c10d rendezvous default port, so ``--rdzv-endpoint svc`` means the same port as with c10d.
+DEFAULT_PORT = 29400
+
+_KEY_PREFIX = "trainkit.k8s/"
+_DISABLE_SHARED_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
+
+@dataclass(frozen=True, kw_only=True)
+class K8sRendezvousConfig:
+    """Options of the ``k8s`` backend, from ``--rdzv-endpoint`` and ``--rdzv-conf``.
+
+    ``service``: FQDN of the training pods' headless Service (endpoint host, default the pod's
+    subdomain); ``port``: store port (endpoint port, default 29400); ``store_service``: FQDN of a
+    separate ``trainkit rdzv-store`` pod's Service (``store_service=`` in rdzv-conf, default none:
+    a training pod hosts the store); ``ip_family``: ``auto``/``ipv4``/``ipv6``; ``dns_timeout_s``:
+    how long to wait for records (``dns_timeout``, default ``join_timeout``, default 600);
+    ``store_grace_s``: elastic worlds skip a lower ordinal whose store does not answer for this long
+    (``store_grace``, default 10); ``read_timeout_s``: store operation timeout (``read_timeout``, 60).
+    """
+
+    service: str
+    port: int = DEFAULT_PORT
+    store_service: str | None = None
+    ip_family: str = "auto"
+    dns_timeout_s: float = 600.0
+    store_grace_s: float = 10.0
+    read_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ValueError(f"k8s rendezvous: port {self.port} must be in 1..65535")
+        if self.ip_family not in {"auto", "ipv4", "ipv6"}:
+            raise ValueError(
+                f"k8s rendezvous: ip_family={self.ip_family!r}; expected auto, ipv4 or ipv6"
+            )
+        for name in ("dns_timeout_s", "store_grace_s", "read_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"k8s rendezvous: {name} ({getattr(self, name)}) must be positive")
+
+    @classmethod
+    def from_params(
+        cls, params: RendezvousParameters, identity: PodIdentity
+    ) -> K8sRendezvousConfig:
+        from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
+
+        endpoint = (params.endpoint or "").strip() or (identity.subdomain or "")
+        if not endpoint:
+            raise ValueError(
+                "k8s rendezvous: no headless Service: pass --rdzv-endpoint <service>[:port] or set the "
+                "pod's spec.subdomain (StatefulSet: serviceName) to the Service name"
+            )
+        host, port = parse_rendezvous_endpoint(endpoint, DEFAULT_PORT)
+        store_service = params.get("store_service")
+        return cls(
+            service=service_fqdn(host, identity.namespace, identity.cluster_domain),
+            port=port,
+            store_service=(
+                service_fqdn(store_service, identity.namespace, identity.cluster_domain)
+                if store_service
+                else None
+            ),
+            ip_family=str(params.get("ip_family", "auto")).lower(),
+            dns_timeout_s=float(params.get("dns_timeout", params.get("join_timeout", 600))),
+            store_grace_s=float(params.get("store_grace", 10)),
+            read_timeout_s=float(params.get("read_timeout", 60)),
+        )
+
+
+def _accepts(address: str, port: int, timeout_s: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def locate_store(
+    identity: PodIdentity,
+    config: K8sRendezvousConfig,
+    *,
+    static: bool,
+    pod_ip: str,
+    resolver: Resolver | None = None,
+    accepts: Callable[[str, int], bool] = _accepts,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[str, bool]:
+    """(store address, whether this pod hosts it).
+
+    Separate store pod: its Service's address. Static world: ordinal 0 hosts, the others wait for
+    its DNS name. Elastic world: a store already answering behind the Service wins; otherwise the
+    lowest ordinal in DNS hosts, a lower ordinal that never answers being skipped after
+    ``store_grace_s``.
+    """
+    resolver = resolver or default_resolver()
+    if config.store_service is not None:
+        addresses = wait_for_name(
+            config.store_service,
+            service=config.store_service,
+            timeout_s=config.dns_timeout_s,
+            purpose="--rdzv-conf store_service names the rendezvous store pod's Service",
+            resolver=resolver,
+            family=config.ip_family,
+            sleep=sleep,
+            clock=clock,
+        )
+        return addresses[0], False
+    ordinal = _require_ordinal(identity)
+    if static:
+        if ordinal == 0:
+            return pod_ip, True
+        addresses = wait_for_name(
+            identity.peer_fqdn(0, config.service),
+            service=config.service,
+            timeout_s=config.dns_timeout_s,
+            purpose="ordinal 0 hosts the rendezvous store of a static world (--nnodes N)",
+            resolver=resolver,
+            family=config.ip_family,
+            sleep=sleep,
+            clock=clock,
+        )
+        return addresses[0], False
+
+    families = {"auto": ("A", "AAAA"), "ipv4": ("A",), "ipv6": ("AAAA",)}[config.ip_family]
+    attempts = _Attempts()
+    first_seen: dict[int, float] = {}
+    deadline = clock() + config.dns_timeout_s
+    for delay in _backoff(maximum_s=0.5):
+        members = [v for t in families for v in _values(attempts.ask(resolver, config.service, t))]
+        for address in members:
+            if address != pod_ip and accepts(address, config.port):
+                return address, False
+        now = clock()
+        pending = []
+        for lower in range(ordinal):
+            name = identity.peer_fqdn(lower, config.service)
+            if any(_values(attempts.ask(resolver, name, t)) for t in families):
+                first_seen.setdefault(lower, now)
+                if now - first_seen[lower] < config.store_grace_s:
+                    pending.append(name)
+        if not pending:
+            return pod_ip, True
+        if now + delay > deadline:
+            raise DiscoveryError(
+                f"k8s rendezvous: no store answered on port {config.port} behind {config.service} within "
+                f"{config.dns_timeout_s:g} s, and lower ordinals {', '.join(pending)} are still in DNS; "
+                "check that their launchers run, or lower store_grace in --rdzv-conf"
+            )
+        sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _values(answer: object) -> tuple[str, ...]:
+    return answer.values if answer.status == "ok" else ()  # type: ignore[attr-defined]
+
+
+def _require_ordinal(identity: PodIdentity) -> int:
+    if identity.ordinal is None:
+        raise ValueError(
+            f"k8s rendezvous: pod {identity.hostname!r} has no ordinal: run it as a StatefulSet, indexed "
+            "Job or JobSet pod (hostname <name>-<n>), set JOB_COMPLETION_INDEX, or use the c10d backend"
+        )
+    return identity.ordinal
+
+
+def own_address(identity: PodIdentity, family: str = "auto") -> str:
+    """The pod IP to advertise: POD_IP / /etc/hosts, else the source address towards the nameserver."""
+    if identity.pod_ip is not None:
+        return identity.pod_ip
+    nameserver = "10.0.0.10"  # no packet is sent: connect() on UDP only picks a route
+    try:
+        with open("/etc/resolv.conf") as handle:
+            for line in handle:
+                fields = line.split()
+                if len(fields) >= 2 and fields[0] == "nameserver":
+                    nameserver = fields[1]
+                    break
+    except OSError:
+        pass
+    af = socket.AF_INET6 if ":" in nameserver or family == "ipv6" else socket.AF_INET
+    with socket.socket(af, socket.SOCK_DGRAM) as probe:
+        probe.connect((nameserver, 53))
+        return probe.getsockname()[0]
+
+
+def order_by_ordinal(
+    entries: list[dict[str, object]], *, static_num_nodes: int | None
+) -> list[int]:
+    """Node ranks by pod ordinal: ``result[i]`` is the node rank of the entry at torch's rank ``i``.
+
+    In a static world the ordinals must be exactly ``0..N-1`` so that node rank = ordinal, always.
+    """
+
+    def key(i: int) -> tuple[bool, int, str, int]:
+        ordinal = entries[i]["ordinal"]  # None only with a store pod: such pods sort last, by name
+        return (ordinal is None, int(ordinal or 0), str(entries[i]["hostname"]), i)  # type: ignore[call-overload]
+
+    order = sorted(range(len(entries)), key=key)
+    ranks = [0] * len(entries)
+    for node_rank, index in enumerate(order):
+        ranks[index] = node_rank
+    if static_num_nodes is not None:
+        ordinals = sorted(int(e["ordinal"]) for e in entries if e["ordinal"] is not None)  # type: ignore[call-overload]
+        ordinals += [-1] * (len(entries) - len(ordinals))  # pods without an ordinal never fit
+        if ordinals != list(range(static_num_nodes)):
+            shown = ", ".join(
+                f"{e['hostname']}={e['ordinal']}" for e in (entries[i] for i in order)
+            )
+            raise ValueError(
+                f"k8s rendezvous: a static world of {static_num_nodes} nodes needs pod ordinals "
+                f"0..{static_num_nodes - 1} exactly once, got {shown}; fix --nnodes or the replica count"
+            )
+    return ranks
+
+
+def _make_handler_class() -> type:
+    from torch.distributed import PrefixStore, TCPStore
+    from torch.distributed.elastic.rendezvous import (
+        RendezvousHandler,
+        RendezvousInfo,
+        RendezvousStoreInfo,
+    )
+
+    class K8sRendezvousHandler(RendezvousHandler):
+        """torch's dynamic rendezvous, with node ranks ordered by pod ordinal and a per-round bootstrap store."""
+
+        def __init__(
+            self,
+            inner: RendezvousHandler,
+            *,
+            identity: PodIdentity,
+            pod_ip: str,
+            static_num_nodes: int | None,
+            store: Store,
+        ) -> None:
+            self._inner = inner
+            self._identity = identity
+            self._pod_ip = pod_ip
+            self._static_num_nodes = static_num_nodes
+            self._store = store  # keeps the rendezvous store (or the connection to it) alive
+            self._bootstrap_server: TCPStore | None = None
+
+        def get_backend(self) -> str:
+            return "k8s"
+
+        @property
+        def use_agent_store(self) -> bool:
+            return True
+
+        def next_rendezvous(self) -> RendezvousInfo:
+            # torch's shared-store path leaves a node that joins a later round waiting forever for
+            # MASTER_ADDR (only a node that was never rank 0 before publishes it); this handler
+            # serves the workers' store itself, so the inner handler runs with sharing disabled.
+            previous = os.environ.get(_DISABLE_SHARED_STORE)
+            os.environ[_DISABLE_SHARED_STORE] = "1"
+            try:
+                info = self._inner.next_rendezvous()
+            finally:
+                if previous is None:
+                    os.environ.pop(_DISABLE_SHARED_STORE, None)
+                else:
+                    os.environ[_DISABLE_SHARED_STORE] = previous
+            # The inner store is already scoped to this round, so these keys never mix rounds.
+            store = PrefixStore(_KEY_PREFIX, info.store)
+            me = {
+                "ordinal": self._identity.ordinal,
+                "hostname": self._identity.hostname,
+                "addr": self._pod_ip,
+            }
+            store.set(f"node/{info.rank}", json.dumps(me))
+            keys = [f"node/{i}" for i in range(info.world_size)]
+            store.wait(keys)
+            entries = [json.loads(value) for value in store.multi_get(keys)]
+            try:
+                rank = order_by_ordinal(entries, static_num_nodes=self._static_num_nodes)[info.rank]
+            except ValueError as error:
+                from torch.distributed.elastic.rendezvous import RendezvousStateError
+
+                raise RendezvousStateError(str(error)) from None
+            if rank == 0:
+                # Workers expect a fresh store each round (torch adds no per-attempt key prefix), so
+                # stale keys of the previous round's workers can never be read.
+                self._bootstrap_server = TCPStore(
+                    self._pod_ip, 0, is_master=True, multi_tenant=True, wait_for_workers=False
+                )
+                store.set("bootstrap", json.dumps([self._pod_ip, self._bootstrap_server.port]))
+            master_addr, master_port = json.loads(store.get("bootstrap"))
+            logger.info(
+                "k8s rendezvous: pod %s (ordinal %s) is node %d of %d; workers' store %s",
+                self._identity.hostname,
+                self._identity.ordinal,
+                rank,
+                info.world_size,
+                format_host_port(master_addr, master_port),
+            )
+            return RendezvousInfo(
+                info.store, rank, info.world_size, RendezvousStoreInfo(master_addr, master_port)
+            )
+
+        def is_closed(self) -> bool:
+            return self._inner.is_closed()
+
+        def set_closed(self) -> None:
+            self._inner.set_closed()
+
+        def num_nodes_waiting(self) -> int:
+            return self._inner.num_nodes_waiting()
+
+        def get_run_id(self) -> str:
+            return self._inner.get_run_id()
+
+        def shutdown(self) -> bool:
+            return self._inner.shutdown()
+
+    return K8sRendezvousHandler
+
+
+def create_k8s_handler(
+    params: RendezvousParameters,
+    *,
+    identity: PodIdentity | None = None,
+    resolver: Resolver | None = None,
+) -> RendezvousHandler:
+    """Build the ``k8s`` handler from torchrun's rendezvous parameters (see ``K8sRendezvousConfig``)."""
+    from torch.distributed import TCPStore
+    from torch.distributed.elastic.rendezvous import (
+        RendezvousConnectionError,
+        RendezvousTimeoutError,
+    )
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
+
+    identity = identity or read_pod_identity()
+    config = K8sRendezvousConfig.from_params(params, identity)
+    max_attempts = params.get_as_int("keep_alive_max_attempt", 3)
+    if max_attempts is not None and max_attempts < 3:
+        # torch sends a heartbeat only when the last one is a full interval old, so one arrives up
+        # to ~2 intervals apart; with fewer attempts live nodes are dropped as dead.
+        raise ValueError(
+            f"k8s rendezvous: keep_alive_max_attempt={max_attempts} would drop live nodes as dead; "
+            "use 3 or more (lower keep_alive_interval instead to detect lost pods sooner)"
+        )
+    static = params.min_nodes == params.max_nodes
+    if static and config.store_service is None:
+        ordinal = _require_ordinal(identity)
+        if ordinal >= params.max_nodes:
+            raise ValueError(
+                f"k8s rendezvous: pod {identity.hostname!r} has ordinal {ordinal} but --nnodes is "
+                f"{params.max_nodes}; a static world needs ordinals 0..{params.max_nodes - 1} (raise "
+                "--nnodes or use MIN:MAX for an elastic world)"
+            )
+    pod_ip = params.local_addr or own_address(identity, config.ip_family)
+    started = time.monotonic()
+    try:
+        host, is_host = locate_store(
+            identity, config, static=static, pod_ip=pod_ip, resolver=resolver
+        )
+    except DiscoveryError as error:
+        raise RendezvousTimeoutError(str(error)) from error
+    logger.info(
+        "k8s rendezvous: store %s (%s) found in %.2f s",
+        format_host_port(host, config.port),
+        "hosted here" if is_host else "remote",
+        time.monotonic() - started,
+    )
+    try:
+        store = TCPStore(
+            host,
+            config.port,
+            is_master=is_host,
+            multi_tenant=True,
+            timeout=timedelta(seconds=config.read_timeout_s),
+        )
+    except (RuntimeError, ValueError, TimeoutError) as error:
+        raise RendezvousConnectionError(
+            f"k8s rendezvous: cannot {'listen on' if is_host else 'connect to'} the store at "
+            f"{format_host_port(host, config.port)}: {error}; check the port is free and not blocked by a "
+            "NetworkPolicy"
+        ) from error
+    params.local_addr = pod_ip
+    inner = create_handler(store, C10dRendezvousBackend(store, params.run_id), params)
+    handler_class = _make_handler_class()
+    return handler_class(
+        inner,
+        identity=identity,
+        pod_ip=pod_ip,
+        static_num_nodes=params.max_nodes if static else None,
+        store=store,
+    )
+
+
+def handler_factory() -> Callable[[RendezvousParameters], RendezvousHandler]:
+    """Entry point ``torchrun.handlers: k8s``: torch calls this with no arguments and registers the result."""
+    return create_k8s_handler
