@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "trainkit.doctor",
     "trainkit.comms.cli",
     "trainkit.k8s.cli",
+    "trainkit.checkpoint.cli",
     "shards.cli",
 )
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.comms.conftest import SYSFS_FIXTURES, load_machine
+from tests.comms.conftest import load_machine, machines_root
 from trainkit import doctor
 from trainkit.comms import cli as bench_cli
 
@@ -62,8 +62,8 @@ def test_every_fixture_has_a_report(capsys: pytest.CaptureFixture[str]) -> None:
 
     names = sorted(
         n
-        for n in os.listdir(SYSFS_FIXTURES)
-        if os.path.isfile(os.path.join(SYSFS_FIXTURES, n, "machine.json"))
+        for n in os.listdir(machines_root())
+        if os.path.isfile(os.path.join(machines_root(), n, "machine.json"))
     )
     assert len(names) >= 5
     for name in names:

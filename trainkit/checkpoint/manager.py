@@ -1,0 +1,784 @@
+"""CheckpointManager: committed-or-invisible checkpoints, async saves and agreed preemption saves.
+
+Model and optimizer state go through torch.distributed.checkpoint (de-duplication, resharding);
+per-rank state (RNG, data position, extras) goes to one file per rank. A step becomes visible only
+when rank 0 writes its commit record after every rank's files are durable.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Iterable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from trainkit.checkpoint.commit import (
+    COMMIT_NAME,
+    CommitRecord,
+    read_commit,
+    scan_steps,
+    step_dir_name,
+    write_commit,
+)
+from trainkit.checkpoint.errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    CheckpointSaveError,
+    CorruptCheckpointError,
+    describe_failure,
+    find_corruption,
+)
+from trainkit.checkpoint.layout import (
+    check_keys,
+    is_stateful,
+    model_of,
+    serialize_rank_state,
+    split_state,
+)
+from trainkit.checkpoint.retention import plan_retention
+from trainkit.checkpoint.staging import HostStaging
+from trainkit.checkpoint.store import BufferPool, FileInfo, Store, read_file_ranges, write_file
+
+__all__ = ["GRACE_PERIOD_VARIABLE", "CheckpointManager", "exit_preempted", "rank_file_name"]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between SIGTERM and SIGKILL (set a little below the pod's terminationGracePeriodSeconds).
+GRACE_PERIOD_VARIABLE = "TRAINKIT_GRACE_PERIOD_S"
+
+
+def rank_file_name(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
+
+
+def exit_preempted() -> None:
+    """Exit with ``EXIT_PREEMPTED`` after telling trainkit-run (if any) that this was on purpose."""
+    import sys
+
+    from trainkit.exit_codes import EXIT_PREEMPTED, record_worker_exit
+
+    record_worker_exit(EXIT_PREEMPTED)
+    sys.exit(EXIT_PREEMPTED)
+
+
+@dataclass
+class _Snapshot:
+    step: int
+    global_state: dict[str, Any]
+    rank_bytes: bytes
+    started: float
+    blocking_s: float = 0.0
+    cancel: threading.Event | None = None  # set to abandon a background save
+
+
+def _checkpoint_exception() -> type[BaseException]:
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException
+
+
+class _Abandoned(Exception):
+    """The in-flight save was given up to leave the grace period to the preemption save."""
+
+
+class CheckpointManager:
+    """Save and restore training state under ``root`` (a local path or any fsspec URL).
+
+    Args:
+        root: directory or URL holding ``step_<n>/`` directories (``/ckpt``, ``s3://bucket/run``).
+        interval_steps: ``maybe_save`` saves when ``step % interval_steps == 0`` (default None: only
+            on preemption).
+        keep_last: committed steps to keep (default 3; None keeps all).
+        keep_every: also keep every step divisible by this (default None).
+        async_save: ``save`` blocks only for the copy to host memory (default True).
+        storage_options: passed to fsspec (credentials, endpoint).
+        world: the ``World`` (default: the one ``trainkit.init()`` joined, else ``World.from_env()``).
+        signals: signals that request a preemption save (default SIGTERM); None installs no handler.
+        capture_rng: save and restore torch/CUDA/numpy/Python RNG state per rank (default True).
+        grace_period_s: seconds from SIGTERM to SIGKILL (default ``$TRAINKIT_GRACE_PERIOD_S``).
+
+    ``state`` maps names to: ``nn.Module`` and optimizers (saved once through DCP, resharded on
+    load), top-level tensors (global, like weights: replicated ranks write them once), and per-rank
+    entries kept in one file per rank: ``torch.Generator``, objects with ``state_dict`` /
+    ``load_state_dict`` (a data loader), plain data (ints, strings, lists, dicts, tensors inside
+    them). A per-rank object with ``load_rank_state_dicts(states)`` gets every saved rank's state
+    when the world size changed; others get the state of saved rank ``min(rank, old_world - 1)``.
+    Every rank calls ``maybe_save`` at every step (one tiny all-reduce decides preemption).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        interval_steps: int | None = None,
+        keep_last: int | None = 3,
+        keep_every: int | None = None,
+        async_save: bool = True,
+        storage_options: dict[str, Any] | None = None,
+        world: Any = None,
+        signals: Iterable[int] | None = (signal.SIGTERM,),
+        capture_rng: bool = True,
+        grace_period_s: float | None = None,
+    ) -> None:
+        import torch.distributed as dist
+
+        from trainkit.dist import current_world
+        from trainkit.world import World
+
+        if interval_steps is not None and interval_steps < 1:
+            raise ValueError(
+                f"interval_steps ({interval_steps}) must be at least 1 (or None: save only on preemption)"
+            )
+        plan_retention([], [], keep_last=keep_last, keep_every=keep_every)  # validates the policy
+        self.interval_steps = interval_steps
+        self.keep_last = keep_last
+        self.keep_every = keep_every
+        self.async_save = async_save
+        self.capture_rng = capture_rng
+        self.store = Store(os.fspath(root), storage_options)
+        self.world = world or current_world() or World.from_env()
+        self.grace_period_s = grace_period_s if grace_period_s is not None else _grace_from_env()
+        self._distributed = dist.is_available() and dist.is_initialized()
+        if self._distributed and dist.get_world_size() != self.world.world_size:
+            raise ValueError(
+                f"world_size mismatch: the process group has {dist.get_world_size()} ranks, the World "
+                f"{self.world.world_size}; pass the World that trainkit.init() returned"
+            )
+        # Two CPU groups: one for the main thread (agreement, restore), one for the background writer,
+        # so their collectives never interleave with each other or with training's.
+        self._agree_group = dist.new_group(backend="gloo") if self._distributed else None
+        self._save_group = dist.new_group(backend="gloo") if self._distributed else None
+        self.store.check_writable()
+        self._pool = BufferPool()
+        self._staging = HostStaging()
+        self._thread: threading.Thread | None = None
+        self._retention: threading.Thread | None = None
+        self._in_flight: _Snapshot | None = None
+        self._error: BaseException | None = None
+        self._preempt_requested = False
+        self._signal_time: float | None = None
+        self._should_stop = False
+        self._last_save_s: float | None = None
+        self._last_blocking_s: float | None = None
+        self.last_save_time: float | None = None
+        self._previous_handlers: dict[int, Any] = {}
+        if signals is not None and threading.current_thread() is threading.main_thread():
+            for signum in signals:
+                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+
+    # ----- public API -------------------------------------------------------------------------
+
+    @property
+    def should_stop(self) -> bool:
+        """True after the agreed preemption save: exit with ``EXIT_PREEMPTED`` (see ``exit_preempted``)."""
+        return self._should_stop
+
+    @property
+    def preemption_requested(self) -> bool:
+        """True once a handled signal arrived in this process (before ranks agreed on it)."""
+        return self._preempt_requested
+
+    def committed_steps(self) -> list[int]:
+        """Steps with a commit record, ascending (records are not verified here; ``restore`` does)."""
+        return scan_steps(self.store)[0]
+
+    def request_preemption(self) -> None:
+        """What the signal handler does: the next ``maybe_save`` agrees on a save and stop."""
+        if not self._preempt_requested:
+            self._signal_time = time.monotonic()
+        self._preempt_requested = True
+
+    def maybe_save(self, step: int, state: MutableMapping[str, Any]) -> bool:
+        """Save on the interval, or (blocking) when any rank was signalled; every rank must call it.
+
+        Returns True when a save was started or done at this step.
+        """
+        self._raise_background_error()
+        if self._agree_any(self._preempt_requested):
+            self._settle_in_flight_for_preemption()
+            self.save(step, state, block=True)
+            self._should_stop = True
+            logger.warning(
+                "trainkit: preemption save of step %d committed; stop and exit %d",
+                step,
+                _exit_preempted_code(),
+            )
+            return True
+        if self.interval_steps is not None and step % self.interval_steps == 0:
+            self.save(step, state)
+            return True
+        return False
+
+    def save(self, step: int, state: MutableMapping[str, Any], *, block: bool = False) -> None:
+        """Save ``state`` as ``step``; with ``async_save`` and not ``block``, return after the copy."""
+        if step < 0:
+            raise ValueError(f"step ({step}) must be 0 or more")
+        self.wait()
+        if self._already_committed(step):
+            logger.info(
+                "trainkit: step %d is already committed under %s; not saving it again",
+                step,
+                self.store.url,
+            )
+            return
+        started = time.monotonic()
+        background = self.async_save and not block
+        snapshot = self._capture(step, state, copy_tensors=background, started=started)
+        snapshot.blocking_s = time.monotonic() - started
+        if not background:
+            self._persist(snapshot)
+            return
+        snapshot.cancel = threading.Event()
+        self._in_flight = snapshot
+        self._thread = threading.Thread(
+            target=self._persist_in_background,
+            args=(snapshot,),
+            name=f"trainkit-ckpt-save-{step}",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Block until the in-flight save (if any) is committed and old steps are deleted; raise its
+        error if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            self._in_flight = None
+        self._join_retention()
+        self._raise_background_error()
+
+    def close(self) -> None:
+        """Finish the in-flight save, put back the previous signal handlers; raises a pending error."""
+        try:
+            self.wait()
+        finally:
+            self._join_retention()
+            for signum, handler in self._previous_handlers.items():
+                signal.signal(signum, handler)
+            self._previous_handlers = {}
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def restore(self, state: MutableMapping[str, Any]) -> int | None:
+        """Load the newest committed step that verifies into ``state``; return it, or None if none.
+
+        A step whose record or files do not verify is skipped with a warning and the previous one
+        is tried. A checkpoint that does not fit ``state`` raises ``CheckpointMismatchError``.
+        """
+        self.wait()
+        committed = self._broadcast(scan_steps(self.store)[0] if self.world.is_main else None)
+        for step in reversed(committed):
+            try:
+                self._restore_step(step, state)
+            except CorruptCheckpointError as error:
+                warnings.warn(f"trainkit: skipping checkpoint step {step}: {error}", stacklevel=2)
+                logger.warning("trainkit: skipping checkpoint step %d: %s", step, error)
+                continue
+            logger.info("trainkit: restored step %d from %s", step, self.store.url)
+            return step
+        return None
+
+    # ----- signals and agreement --------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.request_preemption()
+
+    def _agree_any(self, flag: bool) -> bool:
+        if not self._distributed:
+            return flag
+        import torch
+        import torch.distributed as dist
+
+        value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX, group=self._agree_group)
+        return bool(value.item())
+
+    def _agree_all(self, flag: bool) -> bool:
+        return not self._agree_any(not flag)
+
+    def _broadcast(self, value: Any) -> Any:
+        if not self._distributed:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self._agree_group)
+        return box[0]
+
+    def _settle_in_flight_for_preemption(self) -> None:
+        """Finish the in-flight save if the grace period leaves room for it and the preemption save."""
+        if self._thread is None:
+            return
+        if self.grace_period_s is not None and self._signal_time is not None:
+            reserve_s = self._last_save_s or 0.0
+            deadline = self._signal_time + self.grace_period_s - reserve_s
+            self._thread.join(timeout=max(0.0, deadline - time.monotonic()))
+            if (
+                self._thread.is_alive()
+                and self._in_flight is not None
+                and self._in_flight.cancel is not None
+            ):
+                logger.warning(
+                    "trainkit: abandoning the in-flight save of step %d (uncommitted) to leave the "
+                    "grace period to the preemption save",
+                    self._in_flight.step,
+                )
+                self._in_flight.cancel.set()
+        self._thread.join()
+        self._thread = None
+        self._in_flight = None
+        error, self._error = self._error, None
+        if error is not None and not isinstance(error, _Abandoned):
+            # Not lost: reported here, and the preemption save that follows supersedes that step.
+            logger.error(
+                "trainkit: the in-flight save failed before the preemption save: %s", error
+            )
+            warnings.warn(
+                f"trainkit: the in-flight save failed before the preemption save: {error}",
+                stacklevel=3,
+            )
+
+    # ----- capture ----------------------------------------------------------------------------
+
+    def _capture(
+        self, step: int, state: MutableMapping[str, Any], *, copy_tensors: bool, started: float
+    ) -> _Snapshot:
+        from trainkit.checkpoint.rank_state import capture_rng_state
+
+        global_state, entries, _ = split_state(state, per_rank=True)
+        if copy_tensors:
+            global_state = self._staging.copy(global_state)
+        rank_payload = {
+            "format": 1,
+            "rank": self.world.rank,
+            "world_size": self.world.world_size,
+            "entries": entries,
+            "rng": capture_rng_state() if self.capture_rng else None,
+        }
+        return _Snapshot(step, global_state, serialize_rank_state(rank_payload, step), started)
+
+    # ----- persist ----------------------------------------------------------------------------
+
+    def _persist_in_background(self, snapshot: _Snapshot) -> None:
+        try:
+            self._persist(snapshot)
+        except BaseException as error:
+            self._error = error
+
+    def _persist(self, snapshot: _Snapshot) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import DefaultSavePlanner
+
+        from trainkit.checkpoint.dcp_storage import TrainkitStorageWriter
+
+        step = snapshot.step
+        cancel = snapshot.cancel or threading.Event()
+        step_dir = self.store.join(step_dir_name(step))
+        files: dict[str, FileInfo] = {}
+        failure: str | None = None
+        try:
+            self.store.makedirs(step_dir)
+        except Exception as error:
+            failure = (
+                f"rank {self.world.rank}: cannot create {step_dir}: {type(error).__name__}: {error}"
+            )
+        try:
+            # Entered even after a failure above: DCP's collectives then fail on every rank together.
+            writer = TrainkitStorageWriter(self.store, step_dir, self._pool, cancel)
+            dcp.save(
+                snapshot.global_state,
+                storage_writer=writer,
+                planner=DefaultSavePlanner(),
+                process_group=self._save_group,
+                no_dist=not self._distributed,
+            )
+            files.update(writer.files)
+            if failure is None:
+                name = rank_file_name(self.world.rank)
+                files[name] = write_file(
+                    self.store, f"{step_dir}/{name}", [snapshot.rank_bytes], self._pool
+                )
+                self.store.fsync_dir(step_dir)
+        except (Exception, _checkpoint_exception()) as error:  # DCP's is a BaseException
+            if not cancel.is_set():
+                logger.error(
+                    "trainkit: writing step %d failed on rank %d: %s",
+                    step,
+                    self.world.rank,
+                    describe_failure(error),
+                )
+            failure = failure or f"rank {self.world.rank}: {describe_failure(error)}"
+        if cancel.is_set():
+            failure = "abandoned"
+        # Every rank reports; rank 0 commits only if all files of all ranks are durable.
+        reports = self._gather((files, failure))
+        outcome: str | None = None
+        if self.world.is_main:
+            problems = [problem for _files, problem in reports if problem]
+            if problems:
+                outcome = "; ".join(problems)
+            else:
+                merged: dict[str, FileInfo] = {}
+                for rank_files, _ in reports:
+                    merged.update(rank_files)
+                outcome = self._commit(step, step_dir, merged)
+        outcome = self._broadcast_save(outcome)
+        if outcome and cancel.is_set():
+            raise _Abandoned()
+        if outcome:
+            raise CheckpointSaveError(
+                step, f"checkpoint step {step} under {self.store.url} was not committed: {outcome}"
+            )
+        total_s = time.monotonic() - snapshot.started
+        self._after_commit(step, snapshot.blocking_s, total_s)
+
+    def _commit(self, step: int, step_dir: str, files: dict[str, FileInfo]) -> str | None:
+        try:
+            record = CommitRecord(
+                step=step,
+                world_size=self.world.world_size,
+                files=files,
+                created_unix_s=time.time(),
+                versions=_versions(),
+            )
+            write_commit(self.store, step_dir, record)
+        except Exception as error:
+            logger.exception("trainkit: committing step %d failed", step)
+            return f"commit record: {type(error).__name__}: {error}"
+        # Deleting old steps (large unlinks) need not delay the save: it runs beside training.
+        self._join_retention()
+        self._retention = threading.Thread(
+            target=self._apply_retention, args=(step,), name="trainkit-ckpt-retention", daemon=True
+        )
+        self._retention.start()
+        return None
+
+    def _join_retention(self) -> None:
+        if self._retention is not None:
+            self._retention.join()
+            self._retention = None
+
+    def _apply_retention(self, in_flight: int) -> None:
+        try:
+            self._remove_old_steps(in_flight)
+        except Exception:
+            logger.exception(
+                "trainkit: retention after step %d failed (the step is committed)", in_flight
+            )
+
+    def _remove_old_steps(self, in_flight: int) -> None:
+        committed, partial = scan_steps(self.store)
+        for step in plan_retention(
+            committed,
+            partial,
+            keep_last=self.keep_last,
+            keep_every=self.keep_every,
+            in_flight=[in_flight],
+        ):
+            step_dir = self.store.join(step_dir_name(step))
+            if step in committed:
+                # Drop the record first: a half-deleted step is then uncommitted, never corrupt-looking.
+                self.store.remove_tree(f"{step_dir}/{COMMIT_NAME}")
+            self.store.remove_tree(step_dir)
+
+    def _after_commit(self, step: int, blocking_s: float, total_s: float) -> None:
+        self._last_save_s = total_s
+        self._last_blocking_s = blocking_s
+        self.last_save_time = time.time()
+        logger.info(
+            "trainkit: step %d committed (blocked %.3f s, total %.3f s)", step, blocking_s, total_s
+        )
+        if self.grace_period_s is not None and total_s > self.grace_period_s:
+            message = (
+                f"trainkit: saving step {step} took {total_s:.1f} s, longer than the grace period "
+                f"{GRACE_PERIOD_VARIABLE}={self.grace_period_s:g} s: a preemption save would be killed before "
+                "it commits; raise terminationGracePeriodSeconds (and the variable) or use faster storage"
+            )
+            warnings.warn(message, stacklevel=3)
+            logger.warning(message)
+        try:
+            from trainkit.metrics import observe_checkpoint  # type: ignore[attr-defined]
+        except ImportError:
+            return
+        try:
+            observe_checkpoint(blocking_s=blocking_s, total_s=total_s)
+        except Exception:
+            logger.exception("trainkit: recording checkpoint metrics failed")
+
+    def _gather(self, value: Any) -> list[Any]:
+        if not self._distributed:
+            return [value]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world.world_size
+        dist.all_gather_object(out, value, group=self._save_group)
+        return out
+
+    def _broadcast_save(self, value: Any) -> Any:
+        if not self._distributed:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self._save_group)
+        return box[0]
+
+    def _already_committed(self, step: int) -> bool:
+        found = (
+            self.store.exists(f"{self.store.join(step_dir_name(step))}/{COMMIT_NAME}")
+            if self.world.is_main
+            else None
+        )
+        return bool(self._broadcast(found))
+
+    def _raise_background_error(self) -> None:
+        error, self._error = self._error, None
+        if error is None or isinstance(error, _Abandoned):
+            return
+        if isinstance(error, CheckpointError):
+            raise error
+        raise CheckpointSaveError(
+            -1, f"background checkpoint save failed: {type(error).__name__}: {error}"
+        ) from error
+
+    # ----- restore ----------------------------------------------------------------------------
+
+    def _restore_step(self, step: int, state: MutableMapping[str, Any]) -> None:
+        """Load one step into ``state``; raises CorruptCheckpointError on every rank together."""
+        import torch.distributed.checkpoint as dcp
+
+        from trainkit.checkpoint.dcp_storage import (
+            METADATA_NAME,
+            SafeLoadPlanner,
+            TrainkitStorageReader,
+            load_metadata,
+        )
+
+        step_dir = self.store.join(step_dir_name(step))
+        record = metadata = None
+        problem = None
+        try:
+            record = read_commit(self.store, step_dir, step)
+            metadata = load_metadata(
+                self._read_verified(step_dir, METADATA_NAME, record, step),
+                where=self.store.display(f"{step_dir}/{METADATA_NAME}"),
+                step=step,
+            )
+            self._check_sizes(step_dir, record, step)
+        except CorruptCheckpointError as error:
+            problem = error
+        if not self._agree_all(problem is None):
+            raise problem or CorruptCheckpointError(
+                step, f"step {step} failed verification on another rank"
+            )
+        assert record is not None and metadata is not None
+        global_state, _, stateful = split_state(state, per_rank=False)
+        check_keys(step, global_state, metadata, self.store.display(step_dir))
+        if global_state:
+            reader = TrainkitStorageReader(
+                self.store, step_dir, record.files, self._pool, step, metadata
+            )
+            try:
+                dcp.load(
+                    global_state,
+                    storage_reader=reader,
+                    planner=SafeLoadPlanner(step=step),
+                    process_group=self._save_group,
+                    no_dist=not self._distributed,
+                )
+            except CorruptCheckpointError:
+                raise
+            except (Exception, _checkpoint_exception()) as error:  # DCP's is a BaseException
+                corrupt = find_corruption(error)
+                if corrupt is not None:
+                    raise corrupt from None
+                raise
+        rank_states: list[dict[str, Any]] | None = None
+        problem = None
+        try:
+            rank_states = self._read_rank_states(step_dir, record, step)
+        except CorruptCheckpointError as error:
+            problem = error
+        if not self._agree_all(problem is None):
+            raise problem or CorruptCheckpointError(
+                step, f"step {step}: a per-rank file failed verification on another rank"
+            )
+        assert rank_states is not None
+        self._apply_loaded(step, state, global_state, stateful, rank_states, record)
+
+    def _apply_loaded(
+        self,
+        step: int,
+        state: MutableMapping[str, Any],
+        global_state: dict[str, Any],
+        modules: dict[str, Any],
+        rank_states: list[dict[str, Any]],
+        record: CommitRecord,
+    ) -> None:
+        import torch
+        from torch.distributed.checkpoint.state_dict import (
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        from trainkit.checkpoint.rank_state import restore_rng_state
+
+        for name, value in state.items():
+            if name not in global_state:
+                continue
+            if isinstance(value, torch.nn.Module):
+                set_model_state_dict(value, global_state[name])
+            elif isinstance(value, torch.optim.Optimizer):
+                set_optimizer_state_dict(model_of(name, value, modules), value, global_state[name])
+        same_world = record.world_size == self.world.world_size
+        own = (
+            rank_states[self.world.rank]
+            if same_world
+            else rank_states[min(self.world.rank, len(rank_states) - 1)]
+        )
+        for name, value in list(state.items()):
+            if name in global_state:
+                continue
+            if name not in own["entries"]:
+                raise CheckpointMismatchError(
+                    step,
+                    f"step {step}: state entry {name!r} is not in the checkpoint (it has "
+                    f"{sorted(own['entries']) + sorted(global_state)}); restore with the state it was saved "
+                    "with, or start a new checkpoint root",
+                    [name],
+                )
+            if isinstance(value, torch.Generator):
+                if same_world:
+                    value.set_state(own["entries"][name])
+                elif self.world.is_main:
+                    logger.warning(
+                        "trainkit: world size changed; generator %r is not restored", name
+                    )
+            elif not same_world and callable(getattr(value, "load_rank_state_dicts", None)):
+                value.load_rank_state_dicts(
+                    [rank_state["entries"][name] for rank_state in rank_states]
+                )
+            elif is_stateful(value):
+                if not same_world:
+                    logger.warning(
+                        "trainkit: world size changed (%d -> %d); %r gets the state of saved rank %d",
+                        record.world_size,
+                        self.world.world_size,
+                        name,
+                        own["rank"],
+                    )
+                value.load_state_dict(own["entries"][name])
+            else:
+                state[name] = own["entries"][name]
+        if self.capture_rng and own.get("rng") is not None:
+            if same_world:
+                restore_rng_state(own["rng"])
+            elif self.world.is_main:
+                logger.warning(
+                    "trainkit: world size changed (%d -> %d); random generators are not restored",
+                    record.world_size,
+                    self.world.world_size,
+                )
+
+    def _read_verified(self, step_dir: str, name: str, record: CommitRecord, step: int) -> bytes:
+        info = record.files.get(name)
+        if info is None:
+            raise CorruptCheckpointError(
+                step, f"{self.store.display(step_dir)}: the commit record lists no {name}"
+            )
+        data = bytearray(info.size)
+        try:
+            read_file_ranges(
+                self.store,
+                f"{step_dir}/{name}",
+                info,
+                [(0, memoryview(data))],
+                self._pool,
+                step=step,
+            )
+        except FileNotFoundError:
+            raise CorruptCheckpointError(
+                step, f"{self.store.display(step_dir)}/{name}: missing"
+            ) from None
+        return bytes(data)
+
+    def _check_sizes(self, step_dir: str, record: CommitRecord, step: int) -> None:
+        for name, info in record.files.items():
+            path = f"{step_dir}/{name}"
+            try:
+                actual = self.store.size(path)
+            except FileNotFoundError:
+                raise CorruptCheckpointError(
+                    step, f"{self.store.display(path)}: listed in the commit record but missing"
+                ) from None
+            if actual != info.size:
+                raise CorruptCheckpointError(
+                    step,
+                    f"{self.store.display(path)}: {actual} bytes, the commit record says {info.size}",
+                )
+
+    def _read_rank_states(
+        self, step_dir: str, record: CommitRecord, step: int
+    ) -> list[dict[str, Any]]:
+        import torch
+
+        ranks = (
+            [self.world.rank]
+            if record.world_size == self.world.world_size
+            else range(record.world_size)
+        )
+        states: dict[int, dict[str, Any]] = {}
+        for rank in ranks:
+            data = self._read_verified(step_dir, rank_file_name(rank), record, step)
+            try:
+                states[rank] = torch.load(io.BytesIO(data), weights_only=True)
+            except Exception as error:
+                raise CorruptCheckpointError(
+                    step,
+                    f"{self.store.display(step_dir)}/{rank_file_name(rank)}: refused to load "
+                    f"({str(error).splitlines()[0]}); per-rank files hold only tensors and plain data",
+                ) from None
+        if record.world_size == self.world.world_size:
+            return [
+                states[self.world.rank] if rank == self.world.rank else {}
+                for rank in range(record.world_size)
+            ]
+        return [states[rank] for rank in range(record.world_size)]
+
+
+def _grace_from_env() -> float | None:
+    raw = os.environ.get(GRACE_PERIOD_VARIABLE, "")
+    if raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{GRACE_PERIOD_VARIABLE}={raw!r} is not a number of seconds") from None
+    if value < 0:
+        raise ValueError(f"{GRACE_PERIOD_VARIABLE}={raw!r} must be 0 or more seconds")
+    return value
+
+
+def _exit_preempted_code() -> int:
+    from trainkit.exit_codes import EXIT_PREEMPTED
+
+    return EXIT_PREEMPTED
+
+
+def _versions() -> dict[str, str]:
+    import torch
+
+    from trainkit import __version__
+
+    return {"trainkit": __version__, "torch": torch.__version__}
