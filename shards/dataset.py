@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -526,6 +527,24 @@ class _SlotRing:
         return batch
 
 
+class _PreemptionSafeWorkerInit:
+    """Workers ignore SIGTERM, then run the user's ``worker_init_fn``.
+
+    torch.distributed.elastic signals a worker's whole process group on shutdown; a loader worker
+    dying of that SIGTERM makes the training process raise "DataLoader worker ... is killed" in the
+    middle of its agreed preemption save. Workers still end with their parent (DataLoader's watchdog)
+    and with SIGKILL at the end of the grace period.
+    """
+
+    def __init__(self, user_init: Callable[[int], None] | None) -> None:
+        self.user_init = user_init
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if self.user_init is not None:
+            self.user_init(worker_id)
+
+
 class ShardedLoader:
     """A DataLoader over a ShardedDataset that counts batches as the training loop takes them.
 
@@ -585,11 +604,14 @@ class ShardedLoader:
             # nothing for a DataLoader to add in-process: skip its per-batch overhead
             iterator = dataset._batches(cursor, start, 0, 1)
         else:
+            kwargs = dict(self.dataloader_kwargs)
+            if self.num_workers > 0:
+                kwargs["worker_init_fn"] = _PreemptionSafeWorkerInit(kwargs.get("worker_init_fn"))
             loader = DataLoader(
                 _WorkerView(dataset, cursor, start, ring),
                 batch_size=None,
                 num_workers=self.num_workers,
-                **self.dataloader_kwargs,
+                **kwargs,
             )
             iterator = iter(loader)
         observe = self._observer
