@@ -21,29 +21,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+from trainkit.metrics.slots import STEP_BUCKETS_S
+
 RESULTS = Path(__file__).parent / "results"
 NUM_WORKERS = 8
 NUM_RESTARTS = 3
 CALLS = 200_000  # step() calls per timing repeat
 REPEATS = 7
 SCRAPES = 40
-STEP_BUCKETS_S = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-)
 
 
 def median_ns_per_call(call, calls: int = CALLS, repeats: int = REPEATS) -> float:
