@@ -2,7 +2,11 @@
 
     python benchmarks/shards_throughput.py                       # 200k rows x 512 int32 + int64 label (~410 MB)
     python benchmarks/shards_throughput.py --rows 50000 --repeats 1   # a quick look
+    python benchmarks/shards_throughput.py --no-peers            # trainkit and pyarrow only
 
+Peers (MosaicML Streaming, LitData) run from their own venv, .venv-peers (recipe in
+/work/shared/PEERS.md), each on a copy of the same rows converted once to its format and cached
+beside the dataset; without that venv they are reported as skipped, with the reason.
 Every configuration runs in its own process (peak anonymous memory is sampled there, children
 included); figures are medians over --repeats and ratios against baselines measured in this run.
 Cold page cache is made with posix_fadvise(DONTNEED) on each file, no root needed. Writes JSON + PNG
@@ -22,7 +26,9 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-PEERS = ("mosaicml-streaming", "litdata")
+PEERS_PYTHON = Path(__file__).resolve().parent.parent / ".venv-peers" / "bin" / "python"
+# peer -> its configuration in CONFIGS; each is timed with its own default shuffle on
+PEERS = {"mosaicml-streaming": "streaming_shuffled_w2", "litdata": "litdata_shuffled_w0"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,6 +46,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--workdir", default="/tmp/shards-bench", help="where the dataset is written"
     )
     parser.add_argument("--only", default=None, help="comma-separated configuration names to run")
+    parser.add_argument(
+        "--peers",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the peer loaders (default: when .venv-peers exists)",
+    )
     parser.add_argument(
         "--run-one", default=None, help=argparse.SUPPRESS
     )  # internal: child process
@@ -197,6 +209,91 @@ def run_trainkit(
 
 _DATASETS: dict[tuple, object] = {}
 
+
+# -- peers (run in a child process under .venv-peers; they never import trainkit) ---------------------
+def peer_dir(url: str, kind: str) -> str:
+    return f"{url}-{kind}"
+
+
+def _arrow_rows(paths: list[str]):
+    """Rows of the trainkit shards as (tokens, label), read with pyarrow only."""
+    import numpy as np
+    import pyarrow as pa
+
+    for path in paths:
+        table = pa.ipc.open_file(pa.memory_map(path)).read_all().combine_chunks()
+        tokens = table.column("tokens").combine_chunks()
+        width = tokens.type.list_size
+        matrix = tokens.flatten().to_numpy().reshape(-1, width)
+        labels = table.column("label").to_numpy()
+        for row in range(len(labels)):
+            yield np.ascontiguousarray(matrix[row]), int(labels[row])
+
+
+def convert_for_peer(kind: str, url: str, paths: list[str]) -> dict:
+    """Write the same rows in the peer's format once; a marker file makes the copy reusable."""
+    out = peer_dir(url, kind)
+    marker = os.path.join(out, ".complete")
+    if os.path.exists(marker):
+        return {"seconds": 0.0, "cached": True}
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    started = time.perf_counter()
+    if kind == "streaming":
+        from streaming import MDSWriter
+
+        width = None
+        with MDSWriter(
+            out=out, columns={"tokens": "ndarray", "label": "int64"}, size_limit=1 << 26
+        ) as writer:
+            for tokens, label in _arrow_rows(paths):
+                width = len(tokens)
+                writer.write({"tokens": tokens, "label": label})
+    else:
+        from litdata.streaming.cache import Cache
+
+        cache = Cache(out, chunk_bytes="64MB")
+        for index, (tokens, label) in enumerate(_arrow_rows(paths)):
+            cache[index] = {"tokens": tokens, "label": label}
+        cache.done()
+        cache.merge()
+        width = None
+    Path(marker).write_text(str(width))
+    return {"seconds": time.perf_counter() - started, "cached": False}
+
+
+def run_streaming(url: str, batch_size: int, workers: int, **_):
+    from streaming import StreamingDataset
+    from streaming.base.util import clean_stale_shared_memory
+    from torch.utils.data import DataLoader
+
+    key = ("streaming", url, batch_size, workers)
+    loader = _DATASETS.get(key)
+    if loader is None:
+        clean_stale_shared_memory()  # a previous process's leftovers make the constructor fail
+        dataset = StreamingDataset(
+            local=peer_dir(url, "streaming"), shuffle=True, batch_size=batch_size
+        )
+        loader = _DATASETS[key] = DataLoader(
+            dataset, batch_size=batch_size, num_workers=workers, persistent_workers=workers > 0
+        )
+    return iter(loader)
+
+
+def run_litdata(url: str, batch_size: int, workers: int, **_):
+    from litdata import StreamingDataLoader, StreamingDataset
+
+    key = ("litdata", url, batch_size, workers)
+    loader = _DATASETS.get(key)
+    if loader is None:
+        dataset = StreamingDataset(input_dir=peer_dir(url, "litdata"), shuffle=True)
+        loader = _DATASETS[key] = StreamingDataLoader(
+            dataset, batch_size=batch_size, num_workers=workers
+        )
+    return iter(loader)
+
+
 CONFIGS = {
     "pyarrow_sequential": dict(kind="pyarrow_sequential"),
     "pyarrow_shuffle_take": dict(kind="pyarrow_shuffle"),
@@ -212,6 +309,9 @@ CONFIGS = {
     ),
     "trainkit_shuffled_w0_no_checks": dict(kind="trainkit", shuffle=True, workers=0, verify=False),
     "disk_sequential_cold": dict(kind="disk", cold=True),
+    # peers, in .venv-peers; Streaming's 2 workers pinned to one core ran faster than on two here
+    "streaming_shuffled_w2": dict(kind="streaming", shuffle=True, workers=2, peer=True, pin=True),
+    "litdata_shuffled_w0": dict(kind="litdata", shuffle=True, workers=0, peer=True),
 }
 
 
@@ -234,10 +334,17 @@ def run_one(spec: dict) -> dict:
     import pyarrow.parquet  # noqa: F401
     import torch
 
-    import shards.dataset  # noqa: F401
+    url, config = spec["url"], CONFIGS[spec["name"]]
+    if config["kind"] == "streaming":
+        import streaming  # noqa: F401
+    elif config["kind"] == "litdata":
+        import litdata  # noqa: F401
+    else:
+        import shards.dataset  # noqa: F401
 
     torch.set_num_threads(1)
-    url, config = spec["url"], CONFIGS[spec["name"]]
+    if spec.get("convert"):
+        return convert_for_peer(config["kind"], url, spec["shard_paths"])
     if config["kind"] == "disk":
         runs = [disk_sequential_read(url) for _ in range(spec["repeats"])]
         return {"seconds": [r[0] for r in runs], "bytes": runs[0][1]}
@@ -245,6 +352,8 @@ def run_one(spec: dict) -> dict:
         "pyarrow_sequential": run_pyarrow_sequential,
         "pyarrow_shuffle": run_pyarrow_shuffle,
         "trainkit": run_trainkit,
+        "streaming": run_streaming,
+        "litdata": run_litdata,
     }[config["kind"]]
     seconds, first_batch, samples = [], [], 0
     sampler = MemorySampler()
@@ -316,16 +425,59 @@ def make_dataset(args) -> tuple[str, int]:
     return url, manifest.num_bytes
 
 
+class PeerFailed(RuntimeError):
+    """A peer configuration failed; the peer is reported as skipped with this reason."""
+
+
 def run_config(name: str, spec: dict) -> dict:
-    child = subprocess.run(
-        [sys.executable, __file__, "--run-one", json.dumps({**spec, "name": name})],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    config = CONFIGS[name]
+    command = [sys.executable, __file__, "--run-one", json.dumps({**spec, "name": name})]
+    env = None
+    if config.get("peer"):
+        command[0] = str(PEERS_PYTHON)
+        env = {**os.environ, "LITDATA_DISABLE_VERSION_CHECK": "1"}  # no package-index call
+        if config.get("pin"):
+            command = ["taskset", "-c", "0", *command]
+    try:
+        child = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=600 if config.get("peer") else 300,
+            env=env,
+        )
+    except subprocess.TimeoutExpired as error:
+        if config.get("peer"):
+            raise PeerFailed(f"{name} ran past {error.timeout:.0f} s") from error
+        raise
     if child.returncode != 0:
+        if config.get("peer"):
+            last = (child.stderr.strip().splitlines() or ["no output"])[-1]
+            raise PeerFailed(f"{name} exited {child.returncode}: {last[:300]}")
         raise RuntimeError(f"{name} failed:\n{child.stderr[-3000:]}")
     return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def prepare_peers(names: list[str], spec: dict, want: bool | None) -> dict[str, str]:
+    """Convert the dataset for each peer once; returns peer -> skip reason for those that cannot run."""
+    skipped: dict[str, str] = {}
+    for peer, name in PEERS.items():
+        if name not in names:
+            skipped[peer] = "skipped: not selected by --only"
+        elif want is False:
+            skipped[peer] = "skipped: --no-peers"
+        elif not PEERS_PYTHON.exists():
+            skipped[peer] = f"skipped: {PEERS_PYTHON} not found (install recipe in PEERS.md)"
+    for peer, name in PEERS.items():
+        if peer in skipped:
+            continue
+        try:
+            conversion = run_config(name, {**spec, "convert": True, "repeats": 0})
+        except PeerFailed as error:
+            skipped[peer] = f"skipped: conversion failed: {error}"
+            continue
+        spec.setdefault("peer_conversion_s", {})[peer] = conversion
+    return skipped
 
 
 def main(argv=None) -> int:
@@ -336,13 +488,22 @@ def main(argv=None) -> int:
     url, dataset_bytes = make_dataset(args)
     spec = {"url": url, "batch_size": args.batch_size, "readahead_bytes": args.readahead_mib << 20}
     names = args.only.split(",") if args.only else list(CONFIGS)
+    spec["shard_paths"] = shard_paths(url)
+    peer_skipped = prepare_peers(names, spec, args.peers)
+    conversions = spec.pop("peer_conversion_s", {})
+    names = [n for n in names if not any(PEERS[p] == n for p in peer_skipped)]
     results: dict[str, dict] = {}
     # Rounds interleave the configurations, so slow phases of a shared machine hit all of them alike;
     # each child runs a warm-up epoch and two timed epochs.
     runs: dict[str, list[dict]] = {name: [] for name in names}
     for round_index in range(args.repeats):
-        for name in names:
-            runs[name].append(run_config(name, {**spec, "repeats": 2}))
+        for name in list(names):
+            try:
+                runs[name].append(run_config(name, {**spec, "repeats": 2}))
+            except PeerFailed as error:
+                peer = next(p for p, n in PEERS.items() if n == name)
+                peer_skipped[peer] = f"skipped: {error}"
+                names.remove(name)
         print(f"  round {round_index + 1}/{args.repeats} done", file=sys.stderr, flush=True)
     for name in names:
         seconds_all = [s for run in runs[name] for s in run["seconds"]]
@@ -374,6 +535,7 @@ def main(argv=None) -> int:
                 result["samples_per_s"] / shuffled_baseline if shuffled_baseline else None
             )
             result["vs_disk_sequential"] = result["bytes_per_s"] / disk if disk else None
+    peers = peer_report(results, peer_skipped, conversions)
     report = {
         "dataset": {
             "rows": args.rows,
@@ -386,19 +548,44 @@ def main(argv=None) -> int:
         "cpu_count": os.cpu_count(),
         "load_average_at_end": os.getloadavg(),
         "results": results,
-        "peers": {
-            peer: "skipped: not installed in a separate benchmark venv in this run (see PEERS.md)"
-            for peer in PEERS
-        },
+        "peers": peers,
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "shards_throughput.json").write_text(json.dumps(report, indent=1))
-    print_table(results, disk)
+    print_table(results, disk, peers)
     plot(results)
     return 0
 
 
-def print_table(results: dict, disk: float | None) -> None:
+def peer_report(results: dict, skipped: dict[str, str], conversions: dict) -> dict:
+    """Per peer: its configuration and trainkit shuffled / peer (the goal is >= 5x), or why skipped."""
+    report: dict = {}
+    for peer, name in PEERS.items():
+        if peer in skipped or name not in results:
+            report[peer] = skipped.get(peer, "skipped: no result")
+            continue
+        peer_rate = results[name]["samples_per_s"]
+        report[peer] = {
+            "configuration": name,
+            "samples_per_s": peer_rate,
+            "conversion": conversions.get(peer),
+            **{
+                f"{tk}_over_peer": results[tk]["samples_per_s"] / peer_rate
+                for tk in ("trainkit_shuffled_w0", "trainkit_shuffled_w2")
+                if tk in results
+            },
+        }
+    measured = [r for r in report.values() if isinstance(r, dict)]
+    if measured and "trainkit_shuffled_w0" in results:
+        best = max(measured, key=lambda r: r["samples_per_s"])
+        report["trainkit_shuffled_w0_over_best_peer"] = (
+            results["trainkit_shuffled_w0"]["samples_per_s"] / best["samples_per_s"]
+        )
+        report["best_peer_configuration"] = best["configuration"]
+    return report
+
+
+def print_table(results: dict, disk: float | None, peers: dict) -> None:
     print(
         f"{'configuration':<30}{'samples/s':>12}{'vs seq':>8}{'vs shuf':>9}{'vs disk':>9}{'1st batch':>11}{'peak MiB':>10}"
     )
@@ -418,7 +605,20 @@ def print_table(results: dict, disk: float | None) -> None:
             f"{r['first_batch_s'] * 1000:>9.1f}ms{r['peak_anon_mib']:>10.1f}"
         )
     for peer in PEERS:
-        print(f"{peer:<30}{'skipped':>12}")
+        if isinstance(peers.get(peer), str):
+            print(f"{peer:<30}{peers[peer]}")
+        else:
+            ratios = ", ".join(
+                f"{key.removesuffix('_over_peer')} {value:.1f}x"
+                for key, value in peers[peer].items()
+                if key.endswith("_over_peer")
+            )
+            print(f"{peer:<30}trainkit / {peer}: {ratios or 'no trainkit shuffled run to compare'}")
+    if "trainkit_shuffled_w0_over_best_peer" in peers:
+        print(
+            f"trainkit shuffled w0 / best peer ({peers['best_peer_configuration']}): "
+            f"{peers['trainkit_shuffled_w0_over_best_peer']:.1f}x (goal >= 5x)"
+        )
 
 
 def plot(results: dict) -> None:
@@ -433,9 +633,13 @@ def plot(results: dict) -> None:
     names = [n for n, r in results.items() if r.get("vs_pyarrow_shuffle")]
     values = [results[n]["vs_pyarrow_shuffle"] for n in names]
     fig, ax = plt.subplots(figsize=(9, 4.5))
-    ax.barh(names, values, color=["#888" if n.startswith("pyarrow") else "#2a6" for n in names])
+    colors = {"pyarrow": "#888", "streaming": "#c63", "litdata": "#c63"}
+    ax.barh(names, values, color=[colors.get(n.split("_")[0], "#2a6") for n in names])
+    ax.set_xscale("log")  # peers sit 10-100x below trainkit: a linear axis hides them
+    for y, value in enumerate(values):
+        ax.text(value, y, f" {value:.2f}x", va="center", fontsize=8)
     ax.axvline(1.0, color="k", lw=0.8)
-    ax.set_xlabel("samples/s relative to raw pyarrow shuffled read (same run)")
+    ax.set_xlabel("samples/s relative to raw pyarrow shuffled read (same run, log scale)")
     ax.set_title("shards: one epoch, 512 x int32 tokens + int64 label")
     fig.tight_layout()
     fig.savefig(RESULTS / "shards_throughput.png", dpi=110)
