@@ -20,15 +20,16 @@ from pathlib import Path
 from trainkit.exit_codes import (
     EXIT_PREEMPTED,
     EXIT_STATUS_DIR_VARIABLE,
+    GRACE_PERIOD_VARIABLE,
     RESERVED_EXIT_CODES,
     describe_exit_code,
+    read_grace_period_s,
 )
 
 __all__ = ["build_parser", "explicit_options", "main", "resolve_exit_code"]
 
 logger = logging.getLogger("trainkit.run")
 
-GRACE_PERIOD_VARIABLE = "TRAINKIT_GRACE_PERIOD_S"
 
 
 
@@ -110,19 +111,6 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         )
 
 
-def _grace_period_s(env: Mapping[str, str], parser: argparse.ArgumentParser) -> int | None:
-    raw = env.get(GRACE_PERIOD_VARIABLE, "")
-    if raw == "":
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        parser.error(f"{GRACE_PERIOD_VARIABLE}={raw!r} is not a number of seconds")
-    if value < 0:
-        parser.error(f"{GRACE_PERIOD_VARIABLE}={raw!r} must be 0 or more seconds")
-    return int(value)
-
-
 def apply_trainkit_defaults(
     parser: argparse.ArgumentParser,
     args: argparse.Namespace,
@@ -137,8 +125,12 @@ def apply_trainkit_defaults(
     except ValueError as error:
         parser.error(str(error))
     if "shutdown_timeout" not in explicit:
-        grace = _grace_period_s(env, parser)
-        if grace is not None:
+        try:
+            grace_s = read_grace_period_s(env)
+        except ValueError as error:
+            parser.error(str(error))
+        if grace_s is not None:
+            grace = int(grace_s)
             args.shutdown_timeout = grace
             notes.append(f"--shutdown-timeout {grace} (from {GRACE_PERIOD_VARIABLE})")
     return notes

@@ -1,4 +1,5 @@
-"""Process exit codes with a meaning that Kubernetes Job policies and trainkit-run match on.
+"""Process exit codes with a meaning that Kubernetes Job policies and trainkit-run match on, and
+the preemption contract between trainkit-run and its workers (grace period, exit reports).
 
 Shared by the checkpoint manager (which exits with them) and the launcher (which passes them on).
 """
@@ -10,8 +11,10 @@ from collections.abc import Mapping
 __all__ = [
     "EXIT_PREEMPTED",
     "EXIT_STATUS_DIR_VARIABLE",
+    "GRACE_PERIOD_VARIABLE",
     "RESERVED_EXIT_CODES",
     "describe_exit_code",
+    "read_grace_period_s",
     "record_worker_exit",
 ]
 
@@ -43,6 +46,28 @@ def describe_exit_code(code: int) -> str:
         except ValueError:
             pass
     return "exited with an error" if code else "succeeded"
+
+
+#: Seconds from SIGTERM to SIGKILL that workers may use for a preemption save; set it a few seconds
+#: below the pod's terminationGracePeriodSeconds.
+GRACE_PERIOD_VARIABLE = "TRAINKIT_GRACE_PERIOD_S"
+
+
+def read_grace_period_s(env: Mapping[str, str] | None = None) -> float | None:
+    """``TRAINKIT_GRACE_PERIOD_S`` as seconds, None when unset; ``ValueError`` naming a bad value."""
+    import os
+
+    env = os.environ if env is None else env
+    raw = env.get(GRACE_PERIOD_VARIABLE, "")
+    if raw == "":
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{GRACE_PERIOD_VARIABLE}={raw!r} is not a number of seconds") from None
+    if value < 0:
+        raise ValueError(f"{GRACE_PERIOD_VARIABLE}={raw!r} must be 0 or more seconds")
+    return value
 
 
 #: Set by trainkit-run for its workers: where a worker records the code it is about to exit with, so

@@ -44,13 +44,18 @@ from trainkit.checkpoint.layout import (
 from trainkit.checkpoint.retention import plan_retention
 from trainkit.checkpoint.staging import HostStaging
 from trainkit.checkpoint.store import BufferPool, FileInfo, Store, read_file_ranges, write_file
+from trainkit.exit_codes import (
+    EXIT_PREEMPTED,
+    GRACE_PERIOD_VARIABLE,
+    read_grace_period_s,
+    record_worker_exit,
+)
 
 __all__ = ["GRACE_PERIOD_VARIABLE", "CheckpointManager", "exit_preempted", "rank_file_name"]
 
 logger = logging.getLogger(__name__)
 
 #: Seconds between SIGTERM and SIGKILL (set a little below the pod's terminationGracePeriodSeconds).
-GRACE_PERIOD_VARIABLE = "TRAINKIT_GRACE_PERIOD_S"
 
 
 def rank_file_name(rank: int) -> str:
@@ -60,8 +65,6 @@ def rank_file_name(rank: int) -> str:
 def exit_preempted() -> None:
     """Exit with ``EXIT_PREEMPTED`` after telling trainkit-run (if any) that this was on purpose."""
     import sys
-
-    from trainkit.exit_codes import EXIT_PREEMPTED, record_worker_exit
 
     record_worker_exit(EXIT_PREEMPTED)
     sys.exit(EXIT_PREEMPTED)
@@ -143,7 +146,7 @@ class CheckpointManager:
         self.capture_rng = capture_rng
         self.store = Store(os.fspath(root), storage_options)
         self.world = world or current_world() or World.from_env()
-        self.grace_period_s = grace_period_s if grace_period_s is not None else _grace_from_env()
+        self.grace_period_s = grace_period_s if grace_period_s is not None else read_grace_period_s()
         self._distributed = dist.is_available() and dist.is_initialized()
         if self._distributed and dist.get_world_size() != self.world.world_size:
             raise ValueError(
@@ -207,7 +210,7 @@ class CheckpointManager:
             logger.warning(
                 "trainkit: preemption save of step %d committed; stop and exit %d",
                 step,
-                _exit_preempted_code(),
+                EXIT_PREEMPTED,
             )
             return True
         if self.interval_steps is not None and step % self.interval_steps == 0:
@@ -757,23 +760,8 @@ class CheckpointManager:
         return [states[rank] for rank in range(record.world_size)]
 
 
-def _grace_from_env() -> float | None:
-    raw = os.environ.get(GRACE_PERIOD_VARIABLE, "")
-    if raw == "":
-        return None
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"{GRACE_PERIOD_VARIABLE}={raw!r} is not a number of seconds") from None
-    if value < 0:
-        raise ValueError(f"{GRACE_PERIOD_VARIABLE}={raw!r} must be 0 or more seconds")
-    return value
 
 
-def _exit_preempted_code() -> int:
-    from trainkit.exit_codes import EXIT_PREEMPTED
-
-    return EXIT_PREEMPTED
 
 
 def _versions() -> dict[str, str]:
