@@ -142,6 +142,10 @@ def default_marks_dir() -> str:
     return os.path.join(tempfile.gettempdir(), f"shards-verified-{os.getuid()}")
 
 
+def _missing_shard(url: str) -> ShardsError:
+    return ShardsError(f"shard {url} is missing; the dataset is incomplete - re-run `shards write`")
+
+
 class ShardReader:
     """Loads row groups of one dataset as Arrow record batches of the selected ``columns``."""
 
@@ -199,9 +203,7 @@ class ShardReader:
             try:
                 source: Any = pa.memory_map(path, "r")
             except FileNotFoundError:
-                raise ShardsError(
-                    f"shard {url} is missing; the dataset is incomplete - re-run `shards write`"
-                ) from None
+                raise _missing_shard(url) from None
             size = source.size()
             source = source.read_buffer()  # the whole mapping as one zero-copy buffer
             with contextlib.suppress(OSError):
@@ -213,9 +215,7 @@ class ShardReader:
             try:
                 size = self.location.fs.size(remote)
             except FileNotFoundError:
-                raise ShardsError(
-                    f"shard {url} is missing; the dataset is incomplete - re-run `shards write`"
-                ) from None
+                raise _missing_shard(url) from None
         if size != shard.bytes:
             raise ChecksumMismatchError(
                 f"shard {url} has {size} bytes, the manifest expects {shard.bytes} (truncated or replaced "
