@@ -16,6 +16,7 @@ from shards import (
     verify_dataset,
     write_shards,
 )
+from shards.cache import ShardCache
 from tests.fixtures.s3 import s3_server
 from tests.shards.synthetic import make_table
 
@@ -75,8 +76,8 @@ def test_cache_hits_and_evicts_within_its_limit(s3_dataset, tmp_path):
     assert len(manifest.shards) >= 4
     cache_dir = str(tmp_path / "cache")
 
-    def epoch():
-        ds = ShardedDataset(
+    def cached_dataset(**extra):
+        return ShardedDataset(
             url,
             batch_size=40,
             world=World(0, 1),
@@ -84,8 +85,11 @@ def test_cache_hits_and_evicts_within_its_limit(s3_dataset, tmp_path):
             shuffle=False,
             cache_dir=cache_dir,
             cache_bytes=limit,
-            readahead_threads=1,
+            **extra,
         )
+
+    def epoch():
+        ds = cached_dataset(readahead_threads=1)
         ids = np.concatenate([b["id"].numpy() for b in ds])
         return ids, ds.reader_stats
 
@@ -96,17 +100,7 @@ def test_cache_hits_and_evicts_within_its_limit(s3_dataset, tmp_path):
     assert sum(os.path.getsize(os.path.join(cache_dir, n)) for n in cached) <= limit
     assert len(cached) == 2, "older shards were evicted"
     # a second reader of the last shard hits the cache
-    ds = ShardedDataset(
-        url,
-        batch_size=40,
-        world=World(0, 1),
-        storage_options=options,
-        shuffle=False,
-        cache_dir=cache_dir,
-        cache_bytes=limit,
-    )
-    from shards.cache import ShardCache
-
+    ds = cached_dataset()
     cache = ShardCache(cache_dir, limit)
     shard = manifest.shards[-1]
     path = cache.path(ds.location.fs, ds.location.path_of(shard.path), shard, url)
@@ -145,8 +139,6 @@ def test_changed_remote_is_detected(s3_dataset, s3_server, tmp_path):
             )
         )
     assert [p.url for p in verify_dataset(url, storage_options=options)] == [f"{url}/{shard.path}"]
-    from shards.cache import ShardCache
-
     cached = os.listdir(tmp_path / "cache")
     assert ShardCache(str(tmp_path / "cache")).key(shard) not in cached, (
         "the changed shard is not cached"
