@@ -85,6 +85,14 @@ def finish(
     return codes
 
 
+def k8s_args(nnodes: str, nproc: int, endpoint: str, rdzv_id: str, *extra: str) -> list[str]:
+    """Launcher flags for the k8s rendezvous on the namespace pods' headless Service."""
+    return [
+        "--nnodes", nnodes, "--nproc-per-node", str(nproc), "--rdzv-backend", "k8s",
+        "--rdzv-endpoint", endpoint, "--rdzv-id", rdzv_id, *extra,
+    ]  # fmt: skip
+
+
 def node_ranks(found: list[dict]) -> dict[str, int]:
     return {r["hostname"]: r["group_rank"] for r in found}
 
@@ -93,20 +101,7 @@ def node_ranks(found: list[dict]) -> dict[str, int]:
 def test_static_world_plain_torchrun_ranks_follow_ordinals(podnet: PodNet, tmp_path: Path) -> None:
     pods = [podnet.add_pod(f"w-{i}") for i in (2, 0, 1)]  # start order must not matter
     env = launcher_env(tmp_path)
-    args = [
-        "--nnodes",
-        "3",
-        "--nproc-per-node",
-        "2",
-        "--rdzv-backend",
-        "k8s",
-        "--rdzv-endpoint",
-        "train:29400",
-        "--rdzv-id",
-        "static1",
-        "--max-restarts",
-        "0",
-    ]
+    args = k8s_args("3", 2, "train:29400", "static1", "--max-restarts", "0")
     logs = [tmp_path / f"{pod.hostname}.log" for pod in pods]
     processes = [launch(pod, TORCHRUN, args, env, log) for pod, log in zip(pods, logs, strict=True)]
     assert finish(processes, logs, 90) == [0, 0, 0], [log.read_text()[-2000:] for log in logs]
@@ -126,20 +121,7 @@ def test_store_pod_dns_record_5s_late_still_joins(podnet: PodNet, tmp_path: Path
         podnet.add_pod("w-2"),
     ]
     env = launcher_env(tmp_path)
-    args = [
-        "--nnodes",
-        "3",
-        "--nproc-per-node",
-        "1",
-        "--rdzv-backend",
-        "k8s",
-        "--rdzv-endpoint",
-        "train",
-        "--rdzv-id",
-        "late1",
-        "--max-restarts",
-        "0",
-    ]
+    args = k8s_args("3", 1, "train", "late1", "--max-restarts", "0")
     logs = [tmp_path / f"{pod.hostname}.log" for pod in pods]
     started = time.monotonic()
     processes = [launch(pod, TORCHRUN, args, env, log) for pod, log in zip(pods, logs, strict=True)]
@@ -155,22 +137,8 @@ def test_pod_that_never_appears_fails_with_clear_error_within_timeout(
 ) -> None:
     pods = [podnet.add_pod("w-1"), podnet.add_pod("w-2")]  # w-0 is never created
     env = launcher_env(tmp_path)
-    args = [
-        "--nnodes",
-        "3",
-        "--nproc-per-node",
-        "1",
-        "--rdzv-backend",
-        "k8s",
-        "--rdzv-endpoint",
-        "train",
-        "--rdzv-id",
-        "never1",
-        "--max-restarts",
-        "0",
-        "--rdzv-conf",
-        "join_timeout=6",
-    ]
+    flags = ("--max-restarts", "0", "--rdzv-conf", "join_timeout=6")
+    args = k8s_args("3", 1, "train", "never1", *flags)
     logs = [tmp_path / f"{pod.hostname}.log" for pod in pods]
     started = time.monotonic()
     processes = [launch(pod, TORCHRUN, args, env, log) for pod, log in zip(pods, logs, strict=True)]
@@ -192,24 +160,8 @@ ELASTIC_CONF = "last_call_timeout=2,keep_alive_interval=1,keep_alive_max_attempt
 
 def elastic_args(run_id: str, extra_conf: str = "") -> list[str]:
     conf = ELASTIC_CONF + (f",{extra_conf}" if extra_conf else "")
-    return [
-        "--nnodes",
-        "2:3",
-        "--nproc-per-node",
-        "2",
-        "--rdzv-backend",
-        "k8s",
-        "--rdzv-endpoint",
-        "train",
-        "--rdzv-id",
-        run_id,
-        "--max-restarts",
-        "5",
-        "--monitor-interval",
-        "0.5",
-        "--rdzv-conf",
-        conf,
-    ]
+    flags = ("--max-restarts", "5", "--monitor-interval", "0.5", "--rdzv-conf", conf)
+    return k8s_args("2:3", 2, "train", run_id, *flags)
 
 
 def world_of(out_dir: Path, hostnames: set[str], world_size: int) -> bool:
@@ -295,20 +247,7 @@ def test_trainkit_run_elastic_world_orders_ordinal_2_before_10(
     # Added in this order, w-10 gets the lowest address: torch alone would make it node 0.
     pods = [podnet.add_pod(name) for name in ("w-10", "w-2", "w-0")]
     env = launcher_env(tmp_path)
-    args = [
-        "--nnodes",
-        "2:3",
-        "--nproc-per-node",
-        "2",
-        "--rdzv-backend",
-        "k8s",
-        "--rdzv-endpoint",
-        "train:29400",
-        "--rdzv-id",
-        "ord1",
-        "--rdzv-conf",
-        "last_call_timeout=5",
-    ]
+    args = k8s_args("2:3", 2, "train:29400", "ord1", "--rdzv-conf", "last_call_timeout=5")
     logs = [tmp_path / f"{pod.hostname}.log" for pod in pods]
     processes = [
         launch(pod, TRAINKIT_RUN, args, env, log) for pod, log in zip(pods, logs, strict=True)
