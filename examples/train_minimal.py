@@ -44,16 +44,28 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per rank")
     parser.add_argument("--batch-size", type=int, default=64, help="samples per rank per step")
-    parser.add_argument("--features", type=int, default=32, help="input width of the synthetic data")
+    parser.add_argument(
+        "--features", type=int, default=32, help="input width of the synthetic data"
+    )
     parser.add_argument("--hidden", type=int, default=128, help="hidden width of the MLP")
     parser.add_argument("--lr", type=float, default=0.02, help="SGD learning rate (momentum 0.9)")
     parser.add_argument("--log-every", type=int, default=20, help="print the loss every N steps")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the model, the data and its order")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the model, the data and its order"
+    )
     parser.add_argument("--rows", type=int, default=65_536, help="rows in the synthetic dataset")
-    parser.add_argument("--data", default="", help="shard directory or URL (default: a temp dir, written once)")
-    parser.add_argument("--workers", type=int, default=1, help="DataLoader worker processes per rank")
-    parser.add_argument("--checkpoint-dir", default="", help="checkpoint root (path or s3://...); empty: none")
-    parser.add_argument("--save-every", type=int, default=50, help="save a checkpoint every N steps")
+    parser.add_argument(
+        "--data", default="", help="shard directory or URL (default: a temp dir, written once)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="DataLoader worker processes per rank"
+    )
+    parser.add_argument(
+        "--checkpoint-dir", default="", help="checkpoint root (path or s3://...); empty: none"
+    )
+    parser.add_argument(
+        "--save-every", type=int, default=50, help="save a checkpoint every N steps"
+    )
     return parser.parse_args()
 
 
@@ -63,10 +75,12 @@ def write_synthetic_shards(url: str, *, rows: int, features: int, seed: int) -> 
     target = torch.randn(features, 4, generator=generator) / features**0.5
     inputs = torch.randn(rows, features, generator=generator)
     labels = inputs @ target + 0.1 * torch.randn(rows, 4, generator=generator)
-    table = pa.table({
-        "x": pa.FixedSizeListArray.from_arrays(pa.array(inputs.numpy().ravel()), features),
-        "y": pa.FixedSizeListArray.from_arrays(pa.array(labels.numpy().ravel()), 4),
-    })
+    table = pa.table(
+        {
+            "x": pa.FixedSizeListArray.from_arrays(pa.array(inputs.numpy().ravel()), features),
+            "y": pa.FixedSizeListArray.from_arrays(pa.array(labels.numpy().ravel()), 4),
+        }
+    )
     write_shards(table, url, bytes_per_shard=2 << 20, row_group_bytes=256 << 10, progress=False)
 
 

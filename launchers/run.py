@@ -31,8 +31,6 @@ __all__ = ["build_parser", "explicit_options", "main", "resolve_exit_code"]
 logger = logging.getLogger("trainkit.run")
 
 
-
-
 def build_parser() -> argparse.ArgumentParser:
     """torch's torchrun parser, renamed, with trainkit's own options in a separate group."""
     from torch.distributed.run import get_args_parser
@@ -62,12 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def explicit_options(parser: argparse.ArgumentParser, argv: Sequence[str], env: Mapping[str, str]) -> set[str]:
+def explicit_options(
+    parser: argparse.ArgumentParser, argv: Sequence[str], env: Mapping[str, str]
+) -> set[str]:
     """Destinations the user chose: given on the command line or through a ``PET_<DEST>`` variable."""
     sentinel = object()
-    namespace = argparse.Namespace(**{
-        action.dest: sentinel for action in parser._actions if action.dest != argparse.SUPPRESS
-    })
+    namespace = argparse.Namespace(
+        **{action.dest: sentinel for action in parser._actions if action.dest != argparse.SUPPRESS}
+    )
     parser.parse_args(list(argv), namespace=namespace)
     chosen = {dest for dest, value in vars(namespace).items() if value is not sentinel}
     chosen |= {
@@ -85,7 +85,9 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     try:
         min_nodes, max_nodes = parse_min_max_nnodes(args.nnodes)
     except (RuntimeError, ValueError):
-        parser.error(f"--nnodes {args.nnodes!r}: expected N or MIN:MAX with integers, e.g. 2 or 1:4")
+        parser.error(
+            f"--nnodes {args.nnodes!r}: expected N or MIN:MAX with integers, e.g. 2 or 1:4"
+        )
     if not 0 < min_nodes <= max_nodes:
         parser.error(
             f"--nnodes {args.nnodes}: the minimum ({min_nodes}) must be at least 1 and not above "
@@ -97,13 +99,17 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error(f"--shutdown-timeout {args.shutdown_timeout}: must be 0 or more seconds")
     nproc = str(args.nproc_per_node)
     if not (nproc.isdigit() and int(nproc) > 0) and nproc not in {"auto", "cpu", "gpu", "xpu"}:
-        parser.error(f"--nproc-per-node {nproc!r}: expected a positive integer or auto, cpu, gpu, xpu")
+        parser.error(
+            f"--nproc-per-node {nproc!r}: expected a positive integer or auto, cpu, gpu, xpu"
+        )
     if args.module:
         return
     script = args.training_script
     if args.no_python and not args.run_path:
         if shutil.which(script) is None:
-            parser.error(f"program {script!r} not found (with --no-python it must be an executable on PATH)")
+            parser.error(
+                f"program {script!r} not found (with --no-python it must be an executable on PATH)"
+            )
     elif not Path(script).is_file():
         parser.error(
             f"training script {script!r} does not exist (looked in {os.getcwd()}); "
@@ -224,7 +230,11 @@ def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None)
     exported = plan.to_export()
     if exported:
         summary = " ".join(f"{name}={value}" for name, value in exported.items())
-        print(f"trainkit-run: comms plan: {summary} (`trainkit doctor` explains)", file=sys.stderr, flush=True)
+        print(
+            f"trainkit-run: comms plan: {summary} (`trainkit doctor` explains)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     try:
         exporter = start_pod_exporter(args.metrics_port, env)
@@ -243,7 +253,9 @@ def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None)
     except ChildFailedError as error:
         return _summarise_failure(error)
     except SignalException as error:
-        return _exit_after_signal(error.sigval, status_dir, determine_local_world_size(args.nproc_per_node))
+        return _exit_after_signal(
+            error.sigval, status_dir, determine_local_world_size(args.nproc_per_node)
+        )
     finally:
         shutil.rmtree(status_dir, ignore_errors=True)
         if exporter is not None:

@@ -34,7 +34,9 @@ def resolve_backend(backend: str, *, cuda_available: bool) -> str:
     if backend == "auto":
         return "cpu:gloo,cuda:nccl" if cuda_available else "gloo"
     if not backend:
-        raise ValueError("backend must be 'auto', 'gloo', 'nccl' or a device map like 'cpu:gloo,cuda:nccl'")
+        raise ValueError(
+            "backend must be 'auto', 'gloo', 'nccl' or a device map like 'cpu:gloo,cuda:nccl'"
+        )
     if "nccl" in backend and not cuda_available:
         raise ValueError(
             f"backend {backend!r} needs CUDA, but torch.cuda.is_available() is False in this process; "
@@ -57,7 +59,11 @@ def _agent_store(world: World, timeout: timedelta):
     import torch.distributed as dist
 
     client = dist.TCPStore(
-        world.master_addr, world.master_port, world_size=world.world_size, is_master=False, timeout=timeout
+        world.master_addr,
+        world.master_port,
+        world_size=world.world_size,
+        is_master=False,
+        timeout=timeout,
     )
     return dist.PrefixStore(f"trainkit/attempt-{world.restart_count}", client)
 
@@ -113,8 +119,13 @@ def init(
             if world.source == "single":
                 # A world of one needs no network: an in-memory store avoids port clashes.
                 kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
-            elif world.source == "torchrun" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-                kwargs.update(store=_agent_store(world, timeout), rank=world.rank, world_size=world.world_size)
+            elif (
+                world.source == "torchrun"
+                and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            ):
+                kwargs.update(
+                    store=_agent_store(world, timeout), rank=world.rank, world_size=world.world_size
+                )
             elif world.source in _ENV_INIT_SOURCES:
                 kwargs.update(init_method="env://", rank=world.rank, world_size=world.world_size)
             else:
@@ -127,7 +138,10 @@ def init(
             dist.init_process_group(**kwargs)  # type: ignore[arg-type]
             logger.info(
                 "trainkit: rank %d/%d joined (backend %s, source %s)",
-                world.rank, world.world_size, resolved, world.source,
+                world.rank,
+                world.world_size,
+                resolved,
+                world.source,
             )
         _world = world
         return world

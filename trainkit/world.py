@@ -42,8 +42,14 @@ class World:
     def __post_init__(self) -> None:
         checks = [
             (self.world_size >= 1, f"world_size ({self.world_size}) must be at least 1"),
-            (0 <= self.rank < self.world_size, f"rank ({self.rank}) must be in [0, world_size={self.world_size})"),
-            (self.local_world_size >= 1, f"local_world_size ({self.local_world_size}) must be at least 1"),
+            (
+                0 <= self.rank < self.world_size,
+                f"rank ({self.rank}) must be in [0, world_size={self.world_size})",
+            ),
+            (
+                self.local_world_size >= 1,
+                f"local_world_size ({self.local_world_size}) must be at least 1",
+            ),
             (
                 0 <= self.local_rank < self.local_world_size,
                 f"local_rank ({self.local_rank}) must be in [0, local_world_size={self.local_world_size})",
@@ -139,10 +145,24 @@ class _Env:
 
 
 _DESCRIBED_VARIABLES = {
-    "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-    "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
-    "PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT",
-    "JOB_COMPLETION_INDEX", "TRAINKIT_NNODES",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_RESTART_COUNT",
+    "PET_NNODES",
+    "PET_NPROC_PER_NODE",
+    "PET_NODE_RANK",
+    "PET_MASTER_ADDR",
+    "PET_MASTER_PORT",
+    "JOB_COMPLETION_INDEX",
+    "TRAINKIT_NNODES",
 }
 
 

@@ -24,17 +24,35 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 # torchrun's worker variables; the comparison skips those that differ by design on every launch.
 TORCHRUN_VARIABLES = {
-    "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE",
-    "ROLE_RANK", "ROLE_NAME", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-    "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS",
-    "TORCHELASTIC_USE_AGENT_STORE", "TORCHELASTIC_ERROR_FILE", "TORCH_NCCL_ASYNC_ERROR_HANDLING",
-    "OMP_NUM_THREADS", "TORCHELASTIC_SIGNALS_TO_HANDLE",
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "GROUP_WORLD_SIZE",
+    "ROLE_RANK",
+    "ROLE_NAME",
+    "ROLE_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_RESTART_COUNT",
+    "TORCHELASTIC_MAX_RESTARTS",
+    "TORCHELASTIC_USE_AGENT_STORE",
+    "TORCHELASTIC_ERROR_FILE",
+    "TORCH_NCCL_ASYNC_ERROR_HANDLING",
+    "OMP_NUM_THREADS",
+    "TORCHELASTIC_SIGNALS_TO_HANDLE",
 }
 DIFFER_PER_LAUNCH = {"TORCHELASTIC_RUN_ID", "MASTER_PORT", "TORCHELASTIC_ERROR_FILE"}
 
 
 def launcher_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "TORCHELASTIC_", "TRAINKIT_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PET_", "TORCHELASTIC_", "TRAINKIT_"))
+    }
     env.pop("OMP_NUM_THREADS", None)
     env.update(extra)
     return env
@@ -55,12 +73,25 @@ def test_worker_environment_matches_torchrun(tmp_path: Path) -> None:
     for name, launcher in (("torchrun", TORCHRUN), ("trainkit", TRAINKIT_RUN)):
         outdir = tmp_path / name
         outdir.mkdir()
-        result = launch(launcher, ["--standalone", "--nproc-per-node", "2", "--max-restarts", "1", str(PROBE), str(outdir)])
+        result = launch(
+            launcher,
+            [
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+                "--max-restarts",
+                "1",
+                str(PROBE),
+                str(outdir),
+            ],
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         recorded[name] = read_records(outdir)
-    assert sorted(recorded["torchrun"]) == sorted(recorded["trainkit"]) == [
-        "rank-0-restart-0", "rank-1-restart-0"
-    ]
+    assert (
+        sorted(recorded["torchrun"])
+        == sorted(recorded["trainkit"])
+        == ["rank-0-restart-0", "rank-1-restart-0"]
+    )
     for key, theirs in recorded["torchrun"].items():
         ours = recorded["trainkit"][key]
         theirs_vars = {k: v for k, v in theirs["env"].items() if k in TORCHRUN_VARIABLES}
@@ -75,17 +106,46 @@ def test_worker_environment_matches_torchrun(tmp_path: Path) -> None:
 
 
 def test_restarts_once_then_succeeds(tmp_path: Path) -> None:
-    result = launch(TRAINKIT_RUN, ["--standalone", "--nproc-per-node", "2", "--max-restarts", "1", str(PROBE), str(tmp_path), "fail-once"])
+    result = launch(
+        TRAINKIT_RUN,
+        [
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "--max-restarts",
+            "1",
+            str(PROBE),
+            str(tmp_path),
+            "fail-once",
+        ],
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert set(read_records(tmp_path)) == {
-        "rank-0-restart-0", "rank-1-restart-0", "rank-0-restart-1", "rank-1-restart-1"
+        "rank-0-restart-0",
+        "rank-1-restart-0",
+        "rank-0-restart-1",
+        "rank-1-restart-1",
     }
 
 
 def test_failing_twice_names_rank_and_exit_code(tmp_path: Path) -> None:
-    result = launch(TRAINKIT_RUN, ["--standalone", "--nproc-per-node", "2", "--max-restarts", "1", str(PROBE), str(tmp_path), "fail-always"])
+    result = launch(
+        TRAINKIT_RUN,
+        [
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "--max-restarts",
+            "1",
+            str(PROBE),
+            str(tmp_path),
+            "fail-always",
+        ],
+    )
     assert result.returncode == 1
-    summary = [line for line in result.stderr.splitlines() if line.startswith("trainkit-run: worker rank")]
+    summary = [
+        line for line in result.stderr.splitlines() if line.startswith("trainkit-run: worker rank")
+    ]
     assert len(summary) == 1, result.stderr[-3000:]
     assert "worker rank 1 (local rank 1) failed first with exit code 3" in summary[0]
     assert "error file:" in summary[0] and "launcher exits 1" in summary[0]
@@ -94,8 +154,19 @@ def test_failing_twice_names_rank_and_exit_code(tmp_path: Path) -> None:
 
 def start_sleeping_job(tmp_path: Path, **env: str) -> subprocess.Popen[str]:
     process = subprocess.Popen(
-        [*TRAINKIT_RUN, "--standalone", "--nproc-per-node", "2", str(PROBE), str(tmp_path), "sleep"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launcher_env(**env),
+        [
+            *TRAINKIT_RUN,
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(PROBE),
+            str(tmp_path),
+            "sleep",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=launcher_env(**env),
         start_new_session=True,
     )
     deadline = time.monotonic() + 90
@@ -123,7 +194,10 @@ def test_sigterm_reaches_workers_within_the_grace_period(
 ) -> None:
     grace_s = 6
     process = start_sleeping_job(
-        tmp_path, TRAINKIT_GRACE_PERIOD_S=str(grace_s), PROBE_LINGER_S=str(linger_s), PROBE_TERM_EXIT=term_exit
+        tmp_path,
+        TRAINKIT_GRACE_PERIOD_S=str(grace_s),
+        PROBE_LINGER_S=str(linger_s),
+        PROBE_TERM_EXIT=term_exit,
     )
     try:
         sent = time.time()
@@ -144,8 +218,14 @@ def test_sigterm_reaches_workers_within_the_grace_period(
     ("args", "message"),
     [
         (["--no-such-flag", "x.py"], "unrecognized arguments: --no-such-flag"),
-        (["--nnodes", "3:2", "x.py"], "--nnodes 3:2: the minimum (3) must be at least 1 and not above the maximum (2)"),
-        (["--standalone", "does/not/exist.py"], "training script 'does/not/exist.py' does not exist"),
+        (
+            ["--nnodes", "3:2", "x.py"],
+            "--nnodes 3:2: the minimum (3) must be at least 1 and not above the maximum (2)",
+        ),
+        (
+            ["--standalone", "does/not/exist.py"],
+            "training script 'does/not/exist.py' does not exist",
+        ),
         (["--nproc-per-node", "two", "x.py"], "--nproc-per-node 'two'"),
     ],
 )
@@ -163,7 +243,9 @@ def test_console_script_is_installed() -> None:
 def test_process_group_forms_again_after_a_restart() -> None:
     # The restarted group must not pick up the previous attempt's addresses from the agent store.
     script = Path(__file__).parent / "scripts" / "allreduce_restart.py"
-    result = launch(TRAINKIT_RUN, ["--standalone", "--nproc-per-node", "2", "--max-restarts", "1", str(script)])
+    result = launch(
+        TRAINKIT_RUN, ["--standalone", "--nproc-per-node", "2", "--max-restarts", "1", str(script)]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     # Workers share the launcher's stdout, so their lines may interleave: match, don't split.
     reports = sorted(re.findall(r"rank (\d) attempt (\d) value (\d+)", result.stdout))

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.metrics.jobs import (
+from tests.trainkit.metrics.jobs import (
     TRAINKIT_RUN,
     job_env,
     kill_job,
@@ -21,7 +21,7 @@ from tests.metrics.jobs import (
     stop_job,
     wait_until,
 )
-from tests.metrics.prometheus_server import free_port, prometheus_binary, start_prometheus
+from tests.trainkit.metrics.prometheus_server import free_port, prometheus_binary, start_prometheus
 
 pytestmark = [
     pytest.mark.integration,
@@ -35,7 +35,7 @@ pytestmark = [
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "metrics"
 NAMESPACE, POD = "ml", "trainkit-train-0"  # what the shipped KEDA query selects
 WINDOW_S = 10  # the rules use [2m]; the test job runs for seconds, so evaluate them over 10 s
-SAMPLES_PER_STEP, DATA_WAIT_S = 32, 0.005  # as in tests/metrics/scripts/metrics_job.py
+SAMPLES_PER_STEP, DATA_WAIT_S = 32, 0.005  # as in tests/trainkit/metrics/scripts/metrics_job.py
 
 
 def adapter_rules() -> dict[str, dict]:

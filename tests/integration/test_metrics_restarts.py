@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.metrics.jobs import (
+from tests.trainkit.metrics.jobs import (
     TORCHRUN,
     job_env,
     kill_job,
@@ -23,7 +23,7 @@ from tests.metrics.jobs import (
     value,
     wait_until,
 )
-from tests.metrics.prometheus_server import free_port, scrape
+from tests.trainkit.metrics.prometheus_server import free_port, scrape
 from trainkit.metrics.exporter import start_agent_exporter
 from trainkit.metrics.recorder import local_metrics_dir
 

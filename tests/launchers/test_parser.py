@@ -12,7 +12,11 @@ from trainkit.exit_codes import EXIT_PREEMPTED
 
 
 def torch_options() -> list[argparse.Action]:
-    return [action for action in get_args_parser()._actions if action.option_strings and action.dest != "help"]
+    return [
+        action
+        for action in get_args_parser()._actions
+        if action.option_strings and action.dest != "help"
+    ]
 
 
 def test_every_torchrun_option_exists_with_the_same_default_and_choices() -> None:
@@ -30,7 +34,9 @@ def test_every_torchrun_option_parses_the_same(action: argparse.Action) -> None:
     if action.nargs == 0:
         argv = [action.option_strings[0]]
     else:
-        value = action.choices[0] if action.choices else ("3" if action.type in (int, float) else "3:4")
+        value = (
+            action.choices[0] if action.choices else ("3" if action.type in (int, float) else "3:4")
+        )
         argv = [action.option_strings[-1], str(value)]
     argv += ["train.py", "--lr", "1"]
     expected = vars(get_args_parser().parse_args(argv))
@@ -39,7 +45,9 @@ def test_every_torchrun_option_parses_the_same(action: argparse.Action) -> None:
     assert set(ours) - set(expected) == {"service", "metrics_port"}  # trainkit's own options
 
 
-def test_pet_variables_take_precedence_over_defaults_but_not_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pet_variables_take_precedence_over_defaults_but_not_flags(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setenv("PET_NPROC_PER_NODE", "3")
     monkeypatch.setenv("PET_MAX_RESTARTS", "2")
     args = build_parser().parse_args(["--max-restarts", "5", "x.py"])

@@ -11,7 +11,10 @@ def test_world_subcommand_prints_the_world_from_the_environment() -> None:
     env = {"PATH": "/usr/bin:/bin", "RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "10.0.0.1"}
     result = subprocess.run(
         [sys.executable, "-c", "from trainkit.cli import main; main()", "world"],
-        capture_output=True, text=True, timeout=60, env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
     assert result.returncode == 0, result.stderr
     world = json.loads(result.stdout)
@@ -21,7 +24,9 @@ def test_world_subcommand_prints_the_world_from_the_environment() -> None:
 def test_no_subcommand_prints_help_and_exits_2() -> None:
     result = subprocess.run(
         [sys.executable, "-c", "from trainkit.cli import main; main()"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2
     assert "world" in result.stdout

@@ -25,7 +25,11 @@ def test_nccl_without_cuda_is_refused_with_the_fix() -> None:
 def run_python(code: str) -> subprocess.CompletedProcess[str]:
     env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120, env=env
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
     )
 
 

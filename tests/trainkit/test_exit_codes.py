@@ -23,5 +23,7 @@ def test_worker_exit_is_recorded_by_rank(tmp_path: Path) -> None:
 
 def test_without_a_launcher_nothing_is_written(tmp_path: Path) -> None:
     record_worker_exit(EXIT_PREEMPTED, {"RANK": "0"})
-    record_worker_exit(EXIT_PREEMPTED, {"TRAINKIT_EXIT_STATUS_DIR": str(tmp_path / "gone"), "RANK": "0"})
+    record_worker_exit(
+        EXIT_PREEMPTED, {"TRAINKIT_EXIT_STATUS_DIR": str(tmp_path / "gone"), "RANK": "0"}
+    )
     assert list(tmp_path.iterdir()) == []

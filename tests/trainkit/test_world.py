@@ -8,45 +8,82 @@ from trainkit.world import World
 
 # What torchrun 2.x puts into worker 3 of a 2-node x 2-process job (from a captured worker env).
 TORCHRUN_WORKER = {
-    "RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
-    "GROUP_RANK": "1", "GROUP_WORLD_SIZE": "2", "ROLE_RANK": "3", "ROLE_NAME": "default",
-    "ROLE_WORLD_SIZE": "4", "MASTER_ADDR": "trainer-0.trainer.ml.svc.cluster.local",
-    "MASTER_PORT": "29400", "TORCHELASTIC_RESTART_COUNT": "2", "TORCHELASTIC_MAX_RESTARTS": "3",
-    "TORCHELASTIC_RUN_ID": "job-7", "TORCHELASTIC_USE_AGENT_STORE": "True",
-    "PET_NNODES": "2", "PET_NPROC_PER_NODE": "2",  # left over from the pod: torchrun's wins
+    "RANK": "3",
+    "LOCAL_RANK": "1",
+    "WORLD_SIZE": "4",
+    "LOCAL_WORLD_SIZE": "2",
+    "GROUP_RANK": "1",
+    "GROUP_WORLD_SIZE": "2",
+    "ROLE_RANK": "3",
+    "ROLE_NAME": "default",
+    "ROLE_WORLD_SIZE": "4",
+    "MASTER_ADDR": "trainer-0.trainer.ml.svc.cluster.local",
+    "MASTER_PORT": "29400",
+    "TORCHELASTIC_RESTART_COUNT": "2",
+    "TORCHELASTIC_MAX_RESTARTS": "3",
+    "TORCHELASTIC_RUN_ID": "job-7",
+    "TORCHELASTIC_USE_AGENT_STORE": "True",
+    "PET_NNODES": "2",
+    "PET_NPROC_PER_NODE": "2",  # left over from the pod: torchrun's wins
 }
 
 # Kubeflow PyTorchJob worker 1 (replica index 2: Master is 0), one process per pod, no torchrun.
 PYTORCHJOB_POD = {
-    "MASTER_ADDR": "mnist-master-0", "MASTER_PORT": "23456", "WORLD_SIZE": "3", "RANK": "2",
-    "PET_MASTER_ADDR": "mnist-master-0", "PET_MASTER_PORT": "23456", "PET_NNODES": "3",
-    "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": "2", "PYTHONUNBUFFERED": "1",
+    "MASTER_ADDR": "mnist-master-0",
+    "MASTER_PORT": "23456",
+    "WORLD_SIZE": "3",
+    "RANK": "2",
+    "PET_MASTER_ADDR": "mnist-master-0",
+    "PET_MASTER_PORT": "23456",
+    "PET_NNODES": "3",
+    "PET_NPROC_PER_NODE": "1",
+    "PET_NODE_RANK": "2",
+    "PYTHONUNBUFFERED": "1",
 }
 
 # Kubeflow Trainer TrainJob node 1 of 4 (torch runtime), process started directly.
 TRAINJOB_POD = {
-    "PET_NNODES": "4", "PET_NPROC_PER_NODE": "1", "PET_NODE_RANK": "1",
-    "PET_MASTER_ADDR": "job-node-0-0.job", "PET_MASTER_PORT": "29400",
+    "PET_NNODES": "4",
+    "PET_NPROC_PER_NODE": "1",
+    "PET_NODE_RANK": "1",
+    "PET_MASTER_ADDR": "job-node-0-0.job",
+    "PET_MASTER_PORT": "29400",
 }
 
 # Ray Train TorchTrainer worker: rank 5 of 8 on the third node, 2 workers per node.
 RAY_WORKER = {
-    "RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "2", "NODE_RANK": "2",
-    "MASTER_ADDR": "10.0.3.4", "MASTER_PORT": "41234",
+    "RANK": "5",
+    "LOCAL_RANK": "1",
+    "WORLD_SIZE": "8",
+    "LOCAL_WORLD_SIZE": "2",
+    "NODE_RANK": "2",
+    "MASTER_ADDR": "10.0.3.4",
+    "MASTER_PORT": "41234",
 }
 
 INDEXED_JOB_POD = {
-    "JOB_COMPLETION_INDEX": "3", "TRAINKIT_NNODES": "4",
-    "MASTER_ADDR": "train-0.train", "MASTER_PORT": "29500", "JOB_NAME": "train",
+    "JOB_COMPLETION_INDEX": "3",
+    "TRAINKIT_NNODES": "4",
+    "MASTER_ADDR": "train-0.train",
+    "MASTER_PORT": "29500",
+    "JOB_NAME": "train",
 }
 
 
 def test_torchrun_worker_environment() -> None:
     world = World.from_env(TORCHRUN_WORKER)
     assert world == World(
-        rank=3, world_size=4, local_rank=1, local_world_size=2, node_rank=1, num_nodes=2,
-        master_addr="trainer-0.trainer.ml.svc.cluster.local", master_port=29400,
-        restart_count=2, run_id="job-7", source="torchrun",
+        rank=3,
+        world_size=4,
+        local_rank=1,
+        local_world_size=2,
+        node_rank=1,
+        num_nodes=2,
+        master_addr="trainer-0.trainer.ml.svc.cluster.local",
+        master_port=29400,
+        restart_count=2,
+        run_id="job-7",
+        source="torchrun",
     )
     assert not world.is_main
 
@@ -54,7 +91,11 @@ def test_torchrun_worker_environment() -> None:
 def test_pytorchjob_pod_without_launcher() -> None:
     world = World.from_env(PYTORCHJOB_POD)
     assert (world.source, world.rank, world.world_size, world.node_rank, world.num_nodes) == (
-        "pytorchjob", 2, 3, 2, 3
+        "pytorchjob",
+        2,
+        3,
+        2,
+        3,
     )
     assert (world.master_addr, world.master_port) == ("mnist-master-0", 23456)
 
@@ -62,7 +103,11 @@ def test_pytorchjob_pod_without_launcher() -> None:
 def test_trainjob_pod_uses_pet_variables() -> None:
     world = World.from_env(TRAINJOB_POD)
     assert (world.source, world.rank, world.world_size, world.master_addr, world.master_port) == (
-        "pytorchjob", 1, 4, "job-node-0-0.job", 29400
+        "pytorchjob",
+        1,
+        4,
+        "job-node-0-0.job",
+        29400,
     )
 
 
@@ -74,13 +119,22 @@ def test_pytorchjob_with_several_processes_needs_a_launcher() -> None:
 def test_ray_train_worker() -> None:
     world = World.from_env(RAY_WORKER)
     assert (world.source, world.rank, world.local_rank, world.node_rank, world.num_nodes) == (
-        "ray", 5, 1, 2, 4
+        "ray",
+        5,
+        1,
+        2,
+        4,
     )
 
 
 def test_indexed_job_pod() -> None:
     world = World.from_env(INDEXED_JOB_POD)
-    assert (world.source, world.rank, world.world_size, world.run_id) == ("indexed-job", 3, 4, "train")
+    assert (world.source, world.rank, world.world_size, world.run_id) == (
+        "indexed-job",
+        3,
+        4,
+        "train",
+    )
 
 
 def test_indexed_job_without_node_count_names_the_variable() -> None:
@@ -89,7 +143,9 @@ def test_indexed_job_without_node_count_names_the_variable() -> None:
 
 
 def test_bare_rank_and_world_size() -> None:
-    world = World.from_env({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1234"})
+    world = World.from_env(
+        {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1234"}
+    )
     assert (world.source, world.rank, world.world_size, world.master_addr) == ("env", 1, 2, "h")
 
 

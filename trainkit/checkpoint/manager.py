@@ -146,7 +146,9 @@ class CheckpointManager:
         self.capture_rng = capture_rng
         self.store = Store(os.fspath(root), storage_options)
         self.world = world or current_world() or World.from_env()
-        self.grace_period_s = grace_period_s if grace_period_s is not None else read_grace_period_s()
+        self.grace_period_s = (
+            grace_period_s if grace_period_s is not None else read_grace_period_s()
+        )
         self._distributed = dist.is_available() and dist.is_initialized()
         if self._distributed and dist.get_world_size() != self.world.world_size:
             raise ValueError(
@@ -758,10 +760,6 @@ class CheckpointManager:
                 for rank in range(record.world_size)
             ]
         return [states[rank] for rank in range(record.world_size)]
-
-
-
-
 
 
 def _versions() -> dict[str, str]:

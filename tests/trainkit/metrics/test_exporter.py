@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.metrics.fake_nvml import FakeGpu, FakeNvml
-from tests.metrics.jobs import parse_exposition, value
-from tests.metrics.prometheus_server import scrape
+from tests.trainkit.metrics.fake_nvml import FakeGpu, FakeNvml
+from tests.trainkit.metrics.jobs import parse_exposition, value
+from tests.trainkit.metrics.prometheus_server import scrape
 from trainkit.metrics.exporter import (
     DEFAULT_POD_METRICS_PORT,
     resolve_metrics_port,

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from tests.comms.conftest import load_machine
+from tests.trainkit.comms.conftest import load_machine
 from trainkit.comms.discovery import HostPaths, discover
 from trainkit.comms.plan import Plan, build_plan
 

@@ -14,7 +14,7 @@ import yaml
 
 from trainkit.metrics.collector import METRIC_NAMES
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "metrics"
+DEPLOY = Path(__file__).resolve().parents[3] / "deploy" / "metrics"
 
 # name -> (allowed keys, required keys, {key: child schema name or [child schema name] for lists})
 OBJECT_META = ({"name", "namespace", "labels", "annotations"}, {"name"}, {})
@@ -277,6 +277,6 @@ def test_pod_monitor_scrapes_the_agent_port_and_keeps_trainkit_labels() -> None:
     check(monitor, "PodMonitor")
     (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
     assert endpoint["honorLabels"] is True and endpoint["path"] == "/metrics"
-    readme = Path(__file__).resolve().parents[2] / "trainkit" / "metrics" / "README_SECTION.md"
-    text = readme.read_text() if readme.exists() else (readme.parents[2] / "README.md").read_text()
+    readme = Path(__file__).resolve().parents[3] / "trainkit" / "metrics" / "README_SECTION.md"
+    text = readme.read_text() if readme.exists() else (readme.parents[3] / "README.md").read_text()
     assert f"{{name: {endpoint['port']}, containerPort: {DEFAULT_POD_METRICS_PORT}}}" in text

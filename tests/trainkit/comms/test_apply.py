@@ -6,7 +6,7 @@ import socket
 
 import pytest
 
-from tests.comms.conftest import load_machine
+from tests.trainkit.comms.conftest import load_machine
 from trainkit.comms import APPLIED_VARIABLE, RDMARequiredError, apply_plan, compute_plan
 
 

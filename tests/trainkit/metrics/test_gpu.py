@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests.metrics.fake_nvml import FakeGpu, FakeNvml
+from tests.trainkit.metrics.fake_nvml import FakeGpu, FakeNvml
 from trainkit.metrics.gpu import GpuSampler, load_nvml, read_gpus
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from tests.metrics.fake_nvml import FakeGpu, FakeNvml
-from tests.metrics.jobs import parse_exposition, value
+from tests.trainkit.metrics.fake_nvml import FakeGpu, FakeNvml
+from tests.trainkit.metrics.jobs import parse_exposition, value
 from trainkit.metrics.collector import METRIC_NAMES, PodCollector, pod_labels
 from trainkit.metrics.gpu import GpuSampler
 from trainkit.metrics.recorder import Recorder

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.comms.conftest import load_machine, machines_root
+from tests.trainkit.comms.conftest import load_machine, machines_root
 from trainkit import doctor
 from trainkit.comms import cli as bench_cli
 

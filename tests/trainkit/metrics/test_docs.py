@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.metrics.fake_nvml import FakeGpu, FakeNvml
+from tests.trainkit.metrics.fake_nvml import FakeGpu, FakeNvml
 from trainkit.metrics.collector import PodCollector
 from trainkit.metrics.gpu import GpuSampler
 from trainkit.metrics.recorder import Recorder
 from trainkit.world import World
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_every_metric_is_in_the_readme_table(tmp_path: Path) -> None:

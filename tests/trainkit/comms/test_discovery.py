@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.comms.conftest import load_machine
+from tests.trainkit.comms.conftest import load_machine
 from trainkit.comms.discovery import (
     HostPaths,
     discover,
