@@ -35,8 +35,11 @@ system-deps:
 train: venv
 	$(BIN)/trainkit-run --standalone --nproc-per-node 2 examples/train_minimal.py
 
+# ruff for style and format; lint-imports for the layers (contracts in pyproject.toml).
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
 
 test: venv system-deps lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

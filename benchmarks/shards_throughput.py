@@ -5,7 +5,7 @@
     python benchmarks/shards_throughput.py --no-peers            # trainkit and pyarrow only
 
 Peers (MosaicML Streaming, LitData) run from their own venv, .venv-peers (recipe in
-/work/shared/PEERS.md), each on a copy of the same rows converted once to its format and cached
+benchmarks/README.md), each on a copy of the same rows converted once to its format and cached
 beside the dataset; without that venv they are reported as skipped, with the reason.
 Every configuration runs in its own process (peak anonymous memory is sampled there, children
 included); figures are medians over --repeats and ratios against baselines measured in this run.
@@ -467,7 +467,9 @@ def prepare_peers(names: list[str], spec: dict, want: bool | None) -> dict[str, 
         elif want is False:
             skipped[peer] = "skipped: --no-peers"
         elif not PEERS_PYTHON.exists():
-            skipped[peer] = f"skipped: {PEERS_PYTHON} not found (install recipe in PEERS.md)"
+            skipped[peer] = (
+                f"skipped: {PEERS_PYTHON} not found (install recipe in benchmarks/README.md)"
+            )
     for peer, name in PEERS.items():
         if peer in skipped:
             continue

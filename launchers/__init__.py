@@ -1,1 +1,1 @@
-"""Launchers: ``trainkit-run`` (torchrun-compatible), the Ray launcher and pod-environment defaults."""
+"""Launchers: ``trainkit-run`` (torchrun-compatible) and the pod-environment defaults it applies."""
