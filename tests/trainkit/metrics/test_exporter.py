@@ -115,7 +115,7 @@ def test_taken_default_port_leaves_metrics_off_but_a_chosen_one_fails(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        monkeypatch.setattr("trainkit.metrics.exporter.DEFAULT_POD_METRICS_PORT", port)
+        monkeypatch.setattr("trainkit.metrics.settings.DEFAULT_POD_METRICS_PORT", port)
         pod = {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "TRAINKIT_METRICS_ADDR": "127.0.0.1"}
         assert start_pod_exporter(None, pod) is None
         assert "metrics off" in capsys.readouterr().err
