@@ -153,13 +153,16 @@ class DisabledRecorder:
 
     # Checks like the real recorder's, so a bad call fails the same way with metrics off.
     def step(self, samples: int, tokens: int | None = None, loss: float | None = None) -> None:
-        _refuse_increment("step", samples=samples, tokens=tokens)
+        if not samples >= 0 or (tokens is not None and not tokens >= 0):
+            _refuse_increment("step", samples=samples, tokens=tokens)
 
     def observe_data_wait(self, seconds: float) -> None:
-        _refuse_increment("observe_data_wait", seconds=seconds)
+        if not seconds >= 0:
+            _refuse_increment("observe_data_wait", seconds=seconds)
 
     def observe_checkpoint(self, blocking_s: float, total_s: float) -> None:
-        _refuse_increment("observe_checkpoint", blocking_s=blocking_s, total_s=total_s)
+        if not (blocking_s >= 0 and total_s >= 0):
+            _refuse_increment("observe_checkpoint", blocking_s=blocking_s, total_s=total_s)
 
     def close(self) -> None:
         pass

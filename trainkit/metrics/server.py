@@ -9,6 +9,7 @@ a fixed pool of handler threads serve it. An idle connection costs a file descri
 from __future__ import annotations
 
 import contextlib
+import errno
 import queue
 import selectors
 import socket
@@ -164,29 +165,44 @@ class MetricsHTTPServer(WSGIServer):
                 connection, address = self.socket.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
-                return  # e.g. out of file descriptors: the kernel keeps it queued for later
+            except OSError as error:
+                # Out of file descriptors: an idle connection gives its one up for the newcomer,
+                # which is likelier to be a scrape. With none idle, leave the newcomer queued in
+                # the kernel and pause, rather than spin on a listener that stays readable.
+                if error.errno in (errno.EMFILE, errno.ENFILE) and self._evict_oldest_idle(
+                    selector
+                ):
+                    continue
+                time.sleep(0.1)
+                return
             with self._lock:
-                evicted = None
-                if self._num_open >= self.limits.max_connections:
-                    if not self._idle:
-                        connection.close()
-                        continue
-                    evicted = next(iter(self._idle))
-                    del self._idle[evicted]
-                else:
-                    self._num_open += 1
+                full = self._num_open >= self.limits.max_connections
+            if full and not self._evict_oldest_idle(selector):
+                connection.close()
+                continue
+            with self._lock:
+                self._num_open += 1
                 self._idle[connection] = (address, time.monotonic())
-            if evicted is not None:
-                selector.unregister(evicted)
-                evicted.close()
             selector.register(connection, selectors.EVENT_READ, "client")
 
-    def _hand_over(self, selector: selectors.BaseSelector, connection: socket.socket) -> None:
-        selector.unregister(connection)
+    def _evict_oldest_idle(self, selector: selectors.BaseSelector) -> bool:
         with self._lock:
+            if not self._idle:
+                return False
+            oldest = next(iter(self._idle))
+            del self._idle[oldest]
+            self._num_open -= 1
+        selector.unregister(oldest)
+        oldest.close()
+        return True
+
+    def _hand_over(self, selector: selectors.BaseSelector, connection: socket.socket) -> None:
+        with self._lock:
+            if connection not in self._idle:
+                return  # evicted earlier in this round of events
             address, accepted_at = self._idle.pop(connection)
             self._busy[connection] = accepted_at
+        selector.unregister(connection)
         self._ready.put((connection, address))
 
     def _expire(self, selector: selectors.BaseSelector, now: float) -> None:

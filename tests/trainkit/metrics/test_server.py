@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +28,13 @@ def exporter() -> Iterator[MetricsExporter]:
         yield started
 
 
+def scraped(port: int) -> str | None:
+    try:
+        return scrape(port, timeout_s=10.0)
+    except OSError:
+        return None  # refused or reset: poll again
+
+
 def closed_by_server(client: socket.socket) -> bool:
     try:
         return client.recv(1) == b""
@@ -39,12 +48,14 @@ def test_idle_connections_cost_no_threads_and_do_not_block_a_scrape(
     exporter: MetricsExporter,
 ) -> None:
     threads_before = threading.active_count()
-    idle = [socket.create_connection(("127.0.0.1", exporter.port)) for _ in range(NUM_IDLE)]
+    idle = [
+        socket.create_connection(("127.0.0.1", exporter.port), timeout=10) for _ in range(NUM_IDLE)
+    ]
     try:
         for client in idle:
             client.setblocking(False)
         samples = wait_until(
-            lambda: parse_exposition(scrape(exporter.port, timeout_s=10.0)),
+            lambda: (text := scraped(exporter.port)) is not None and parse_exposition(text),
             30,
             "a scrape while 100 idle connections are open",
         )
@@ -102,3 +113,45 @@ def test_close_ends_every_connection(tmp_path: Path) -> None:
 def test_limits_must_be_positive(name: str) -> None:
     with pytest.raises(ValueError, match=f"ServerLimits.{name}=0"):
         ServerLimits(**{name: 0})
+
+
+SERVE_WITH_FEW_FDS = """
+import os, resource, sys
+from trainkit.metrics.exporter import start_agent_exporter
+
+exporter = start_agent_exporter(0, addr="127.0.0.1", env={}, nvml_loader=lambda: (None, "test"))
+_soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 16, hard))
+print(exporter.port, flush=True)
+sys.stdin.read()  # serve until the test closes stdin
+exporter.close()
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
+def test_scrapes_succeed_when_idle_connections_exhaust_the_fd_limit() -> None:
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVE_WITH_FEW_FDS],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    idle: list[socket.socket] = []
+    try:
+        assert server.stdout is not None and server.stdin is not None
+        port = int(server.stdout.readline())
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(NUM_IDLE)]
+        wait_until(
+            lambda: "trainkit_samples_total" in (scraped(port) or ""),
+            30,
+            "a scrape while idle connections use every file descriptor the server may open",
+        )
+        assert server.poll() is None
+        server.stdin.close()
+        assert server.wait(timeout=30) == 0
+    finally:
+        for client in idle:
+            client.close()
+        if server.poll() is None:
+            server.kill()
+            server.wait()
