@@ -3,6 +3,7 @@ and not after a SIGKILL (the next exporter removes what the killed one left)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -21,7 +22,9 @@ from tests.trainkit.metrics.jobs import (
     wait_until,
 )
 from tests.trainkit.metrics.prometheus_server import free_port, scrape
+from trainkit.metrics.directories import process_alive
 from trainkit.metrics.exporter import start_agent_exporter
+from trainkit.metrics.slots import Field, read_slots
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(150)]
 
@@ -63,8 +66,22 @@ def test_two_quick_sigterms_leave_no_metrics_directory(tmp_path: Path) -> None:
 
 def test_a_sigkilled_launchers_directory_is_removed_by_the_next_exporter(tmp_path: Path) -> None:
     process, directory = start_stepping_job(tmp_path)
-    kill_job(process)  # SIGKILL to launcher and workers: nobody gets to clean up
-    assert directory.is_dir()
-    with start_agent_exporter(0, addr="127.0.0.1", env={}) as exporter:
-        assert exporter.directory != directory
-        assert not directory.exists(), "a dead launcher's directory survived a new exporter's start"
+    # torch starts workers in their own session, out of reach of the launcher's process group.
+    worker_pids = [int(slot[Field.PID]) for slot in read_slots(directory)]
+    assert worker_pids
+    try:
+        kill_job(process)  # SIGKILL: the launcher gets no chance to clean up
+        for pid in worker_pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        wait_until(
+            lambda: not any(process_alive(pid) for pid in worker_pids), 30, "the workers to die"
+        )
+        assert directory.is_dir()
+        with start_agent_exporter(0, addr="127.0.0.1", env={}) as exporter:
+            assert exporter.directory != directory
+            assert not directory.exists(), "a dead launcher's directory survived a new exporter"
+    finally:
+        for pid in worker_pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
