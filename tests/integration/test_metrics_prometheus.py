@@ -89,7 +89,7 @@ def _single_value(result: list[dict], query: str) -> float:
 def test_prometheus_scrapes_trainkit_run_job(tmp_path: Path) -> None:
     metrics_port = free_port()
     env = job_env(
-        POD_NAME=POD, POD_NAMESPACE=NAMESPACE, NODE_NAME="node-a", TRAINKIT_METRICS_ADDR="127.0.0.1"
+        POD_NAME=POD, POD_NAMESPACE=NAMESPACE, NODE_NAME="node-a", TRAINKIT_METRICS_HOST="127.0.0.1"
     )
     launcher_args = ["--standalone", "--nproc-per-node", "2", "--max-restarts", "1"]
     launcher_args += ["--metrics-port", str(metrics_port)]

@@ -115,7 +115,7 @@ def test_local_rank_0_serves_without_trainkit_run(tmp_path: Path) -> None:
     directory = local_metrics_dir(port, run_id)
     process = None
     try:
-        env = job_env(TRAINKIT_METRICS_PORT=str(port), TRAINKIT_METRICS_ADDR="127.0.0.1")
+        env = job_env(TRAINKIT_METRICS_PORT=str(port), TRAINKIT_METRICS_HOST="127.0.0.1")
         # --standalone picks a random run id; pin it so the test knows the directory.
         args = [
             "--rdzv-backend",

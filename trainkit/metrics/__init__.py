@@ -10,13 +10,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping
 
-from trainkit.metrics.recorder import (
-    METRICS_DIR_VARIABLE,
-    METRICS_PORT_VARIABLE,
-    DisabledRecorder,
-    Recorder,
-    recorder_from_env,
-)
+from trainkit.metrics.recorder import DisabledRecorder, Recorder, recorder_from_env
+from trainkit.metrics.settings import METRICS_DIR_VARIABLE, METRICS_PORT_VARIABLE
 
 __all__ = [
     "METRICS_DIR_VARIABLE",

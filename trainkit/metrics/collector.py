@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -20,13 +22,14 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
+from trainkit.k8s.identity import PodIdentity
 from trainkit.metrics.gpu import GpuReading, GpuSampler
 from trainkit.metrics.slots import (
     CHECKPOINT_BUCKETS_S,
     STEP_BUCKETS_S,
     Field,
     SlotSnapshot,
-    read_slots,
+    scan_slots,
 )
 
 __all__ = ["METRIC_NAMES", "PodCollector", "pod_labels"]
@@ -55,20 +58,31 @@ METRIC_NAMES: tuple[str, ...] = (
     "trainkit_gpu_temperature_celsius",
     "trainkit_gpu_sm_clock_hertz",
     "trainkit_gpu_sampling_errors",
+    "trainkit_metrics_bad_slots",
 )
 
-# Downward-API variables (see deploy/metrics) -> label names that prometheus-adapter maps to resources.
-_POD_LABEL_VARIABLES = (("pod", "POD_NAME"), ("namespace", "POD_NAMESPACE"), ("node", "NODE_NAME"))
 
+def pod_labels(identity: PodIdentity, env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``pod``, ``namespace`` and ``node`` labels (prometheus-adapter maps the first two to
+    Kubernetes objects), those that are known.
 
-def pod_labels(env: Mapping[str, str]) -> dict[str, str]:
-    """``pod``, ``namespace`` and ``node`` labels from the environment, those that are set.
-
-    In a pod without ``POD_NAME``, the hostname is the pod name (Kubernetes sets it so).
+    Pod and namespace come from the pod identity, so they are there whenever the pod knows them
+    (the hostname is the pod name, the service-account file holds the namespace), not only when the
+    Downward API variables are set; outside Kubernetes only what was set explicitly is used.
+    ``PodIdentity`` has no node field, so the node comes from ``NODE_NAME`` in ``env``.
     """
-    labels = {label: env[name] for label, name in _POD_LABEL_VARIABLES if env.get(name)}
-    if "pod" not in labels and env.get("KUBERNETES_SERVICE_HOST") and env.get("HOSTNAME"):
-        labels["pod"] = env["HOSTNAME"]
+    env = os.environ if env is None else env
+    labels = {}
+    pod = identity.pod_name or (identity.hostname if identity.in_kubernetes else None)
+    if pod:
+        labels["pod"] = pod
+    namespace_source = dict(identity.sources).get("namespace", "default")
+    if namespace_source != "default" and (
+        identity.in_kubernetes or namespace_source == "POD_NAMESPACE"
+    ):
+        labels["namespace"] = identity.namespace
+    if env.get("NODE_NAME"):
+        labels["node"] = env["NODE_NAME"]
     return labels
 
 
@@ -125,10 +139,21 @@ class PodCollector(Collector):
         self.gpu = gpu
         self._clock = clock
         self._monotonic = monotonic
+        self.num_bad_slot_reads = 0
+        self._reported_bad: set[Path] = set()
+        self._bad_lock = threading.Lock()  # scrapes may run concurrently
 
     def collect(self) -> Iterator[Metric]:
-        slots = read_slots(self.directory)
-        yield from self._training(slots)
+        scan = scan_slots(self.directory)
+        self._count_bad(scan.bad)
+        yield from self._training(scan.slots)
+        bad = CounterMetricFamily(
+            "trainkit_metrics_bad_slots",
+            "Worker slot files skipped by a scrape because their contents were invalid.",
+            labels=list(self.labels),
+        )
+        bad.add_metric(list(self.labels.values()), self.num_bad_slot_reads)
+        yield bad
         if self.gpu is not None:
             yield from self._gpus(self.gpu.latest)
             errors = CounterMetricFamily(
@@ -138,6 +163,19 @@ class PodCollector(Collector):
             )
             errors.add_metric(list(self.labels.values()), self.gpu.num_errors)
             yield errors
+
+    def _count_bad(self, bad: list[tuple[Path, str]]) -> None:
+        with self._bad_lock:
+            self.num_bad_slot_reads += len(bad)
+            new = [(path, problem) for path, problem in bad if path not in self._reported_bad]
+            self._reported_bad.update(path for path, _problem in new)
+        for path, problem in new:
+            print(
+                f"trainkit metrics: skipping slot {path}: {problem}; its worker's numbers are left "
+                "out of /metrics until the file is removed",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _training(self, slots: list[SlotSnapshot]) -> Iterator[Metric]:
         names, values = list(self.labels), list(self.labels.values())

@@ -10,51 +10,37 @@ import errno
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from trainkit.k8s.identity import PodIdentity, read_pod_identity
+from trainkit.metrics.directories import create_agent_directory
 from trainkit.metrics.gpu import GpuSampler, load_nvml
-from trainkit.metrics.recorder import (
+from trainkit.metrics.server import MetricsHTTPServer, ServerLimits
+from trainkit.metrics.settings import (
+    DEFAULT_POD_METRICS_PORT,
+    METRICS_ADDR_VARIABLE,
     METRICS_DIR_VARIABLE,
+    METRICS_HOST_VARIABLE,
     METRICS_PORT_VARIABLE,
-    _shared_memory_root,
+    resolve_metrics_host,
+    resolve_metrics_port,
 )
 
 __all__ = [
     "DEFAULT_POD_METRICS_PORT",
     "METRICS_ADDR_VARIABLE",
+    "METRICS_HOST_VARIABLE",
     "MetricsExporter",
+    "ServerLimits",
+    "resolve_metrics_host",
     "resolve_metrics_port",
     "serve_in_worker",
     "start_agent_exporter",
     "start_pod_exporter",
 ]
-
-#: The port used inside a Kubernetes pod when neither ``--metrics-port`` nor the variable is set.
-DEFAULT_POD_METRICS_PORT = 9400
-#: The address to listen on (default all interfaces, as a pod's scraper needs); 127.0.0.1 for tests.
-METRICS_ADDR_VARIABLE = "TRAINKIT_METRICS_ADDR"
-
-
-def resolve_metrics_port(flag: int | None, env: Mapping[str, str] | None = None) -> int:
-    """The port to serve on, 0 meaning off: ``--metrics-port`` if given, else
-    ``TRAINKIT_METRICS_PORT``, else 9400 inside a Kubernetes pod and 0 (off) elsewhere.
-
-    Off outside Kubernetes by default so that several jobs on one machine never fight over a port.
-    """
-    env = os.environ if env is None else env
-    if flag is not None:
-        if not 0 <= flag < 65536:
-            raise ValueError(f"--metrics-port {flag}: must be in 0..65535 (0 disables metrics)")
-        return flag
-    from trainkit.metrics.recorder import _parse_port
-
-    if env.get(METRICS_PORT_VARIABLE, "").strip() != "":
-        return _parse_port(env)
-    return DEFAULT_POD_METRICS_PORT if env.get("KUBERNETES_SERVICE_HOST") else 0
 
 
 class MetricsExporter:
@@ -70,58 +56,71 @@ class MetricsExporter:
         *,
         port: int,
         addr: str,
+        identity: PodIdentity,
         env: Mapping[str, str],
         job_start_unix_s: float | None,
         owns_directory: bool,
         nvml_loader: Callable[[], tuple[Any | None, str]],
         gpu_interval_s: float,
+        limits: ServerLimits | None = None,
     ) -> None:
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CollectorRegistry, make_wsgi_app
 
         from trainkit.metrics.collector import PodCollector, pod_labels
 
         self.directory = directory
         self.addr = addr
         self._owns_directory = owns_directory
+        self._server: MetricsHTTPServer | None = None
         nvml, self.gpu_note = nvml_loader()
         self._sampler = GpuSampler(nvml, interval_s=gpu_interval_s) if nvml is not None else None
         self.registry = CollectorRegistry(auto_describe=False)
         self.collector = PodCollector(
-            directory, labels=pod_labels(env), job_start_unix_s=job_start_unix_s, gpu=self._sampler
+            directory,
+            labels=pod_labels(identity, env),
+            job_start_unix_s=job_start_unix_s,
+            gpu=self._sampler,
         )
         self.registry.register(self.collector)
         try:
-            self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
+            server = MetricsHTTPServer(addr, port, make_wsgi_app(self.registry), limits)
         except OSError as error:
             if self._sampler is not None:
                 self._sampler.nvml.nvmlShutdown()
-            if error.errno == errno.EADDRINUSE:
-                raise OSError(
-                    error.errno,
-                    f"metrics port {port} on {addr} is already in use; choose another with "
-                    f"--metrics-port or {METRICS_PORT_VARIABLE}, or 0 to disable metrics",
-                ) from None
-            raise
-        self.port: int = self._server.server_port
+            raise _explain_bind_error(error, addr, port) from None
+        self._server = server
+        self.port: int = server.server_port
+        server.start()
         if self._sampler is not None:
             self._sampler.start()
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.addr}]" if ":" in self.addr else self.addr
+        return f"http://{host}:{self.port}/metrics"
 
     def worker_env(self) -> dict[str, str]:
         """Variables to put into every worker's environment (the slot directory)."""
         return {METRICS_DIR_VARIABLE: str(self.directory)}
 
     def close(self) -> None:
-        """Stop serving and sampling; remove the slot directory if this exporter created it."""
+        """Stop serving and sampling; remove the slot directory if this exporter created it.
+
+        Each step runs even when an earlier one is interrupted (a second SIGTERM raising in the
+        launcher), so the directory never outlives a launcher that got to call this.
+        """
         server, self._server = self._server, None
         if server is None:
             return
-        server.shutdown()
-        server.server_close()
-        self._thread.join(timeout=5)
-        if self._sampler is not None:
-            self._sampler.close()
-        if self._owns_directory:
-            shutil.rmtree(self.directory, ignore_errors=True)
+        try:
+            server.close()
+        finally:
+            try:
+                if self._sampler is not None:
+                    self._sampler.close()
+            finally:
+                if self._owns_directory:
+                    shutil.rmtree(self.directory, ignore_errors=True)
 
     def __enter__(self) -> MetricsExporter:
         return self
@@ -130,36 +129,58 @@ class MetricsExporter:
         self.close()
 
 
+def _explain_bind_error(error: OSError, addr: str, port: int) -> OSError:
+    if error.errno == errno.EADDRINUSE:
+        return OSError(
+            error.errno,
+            f"metrics port {port} on {addr} is already in use; choose another with "
+            f"--metrics-port or {METRICS_PORT_VARIABLE}, or 0 to disable metrics",
+        )
+    if error.errno == errno.EADDRNOTAVAIL:
+        return OSError(
+            error.errno,
+            f"cannot serve metrics on {addr}: no interface of this machine has that address; set "
+            f"{METRICS_HOST_VARIABLE} to the pod IP, 127.0.0.1, or 0.0.0.0 for every interface",
+        )
+    return error
+
+
 def start_agent_exporter(
     port: int,
     *,
     addr: str | None = None,
     env: Mapping[str, str] | None = None,
+    identity: PodIdentity | None = None,
     gpu_interval_s: float = 5.0,
     nvml_loader: Callable[[], tuple[Any | None, str]] = load_nvml,
+    limits: ServerLimits | None = None,
 ) -> MetricsExporter:
     """Serve the pod's ``/metrics`` on ``addr:port`` from the launcher (agent) process.
 
     Call once before starting workers and put ``handle.worker_env()`` into their environment;
     ``handle.close()`` when the launcher exits. ``port`` 0 binds a free port (see ``handle.port``):
-    disabling metrics is the caller's choice, see ``resolve_metrics_port``. Pod labels come from
-    ``env`` (default ``os.environ``). Prints one line saying where it serves and whether GPU series
-    exist. Raises ``OSError`` naming the port when it is taken. ``addr`` defaults to
-    ``TRAINKIT_METRICS_ADDR`` or ``0.0.0.0``.
+    disabling metrics is the caller's choice, see ``resolve_metrics_port``. ``addr`` defaults to
+    ``resolve_metrics_host`` (the pod IP in a pod, loopback elsewhere); pod labels come from
+    ``identity`` (default ``read_pod_identity(env)``, ``env`` default ``os.environ``). Prints one
+    line saying where it serves and whether GPU series exist. Raises ``OSError`` naming the port
+    when it is taken. Slot directories of earlier launchers that were killed are removed first.
     """
     env = os.environ if env is None else env
-    addr = addr or env.get(METRICS_ADDR_VARIABLE) or "0.0.0.0"
-    directory = Path(tempfile.mkdtemp(prefix="trainkit-metrics-", dir=_shared_memory_root()))
+    identity = identity or read_pod_identity(env)
+    addr = addr or resolve_metrics_host(None, env, identity=identity)
+    directory = create_agent_directory()
     try:
         exporter = MetricsExporter(
             directory,
             port=port,
             addr=addr,
+            identity=identity,
             env=env,
             job_start_unix_s=time.time(),
             owns_directory=True,
             nvml_loader=nvml_loader,
             gpu_interval_s=gpu_interval_s,
+            limits=limits,
         )
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
@@ -169,29 +190,31 @@ def start_agent_exporter(
         if exporter._sampler is not None
         else f"no GPU series: {exporter.gpu_note}"
     )
-    print(
-        f"trainkit-run: metrics on http://{addr}:{exporter.port}/metrics ({gpu})",
-        file=sys.stderr,
-        flush=True,
-    )
+    print(f"trainkit-run: metrics on {exporter.url} ({gpu})", file=sys.stderr, flush=True)
     return exporter
 
 
 def start_pod_exporter(
-    flag: int | None, env: Mapping[str, str] | None = None
+    flag: int | None,
+    env: Mapping[str, str] | None = None,
+    *,
+    host_flag: str | None = None,
 ) -> MetricsExporter | None:
-    """What trainkit-run calls: resolve the port (``resolve_metrics_port``) and serve it, or None.
+    """What trainkit-run calls: resolve the port (``resolve_metrics_port``) and the address
+    (``resolve_metrics_host``, ``host_flag`` being ``--metrics-host``) and serve, or return None.
 
     A port the user chose (flag or ``TRAINKIT_METRICS_PORT``) that is taken raises ``OSError``;
     the implicit pod default (9400) being taken only prints one line and leaves metrics off, so a
     second launcher in the same pod, or tests run inside a pod, still start.
     """
     env = os.environ if env is None else env
-    port = resolve_metrics_port(flag, env)
+    identity = read_pod_identity(env)
+    port = resolve_metrics_port(flag, env, identity=identity)
     if port == 0:
         return None
+    addr = resolve_metrics_host(host_flag, env, identity=identity)
     try:
-        return start_agent_exporter(port, env=env)
+        return start_agent_exporter(port, addr=addr, env=env, identity=identity)
     except OSError as error:
         chosen = flag is not None or env.get(METRICS_PORT_VARIABLE, "").strip() != ""
         if chosen:
@@ -206,30 +229,32 @@ _worker_exporter: MetricsExporter | None = None
 def serve_in_worker(
     directory: Path, port: int, *, env: Mapping[str, str]
 ) -> MetricsExporter | None:
-    """Without trainkit-run: serve ``directory`` from this worker (local rank 0) on a daemon thread.
+    """Without trainkit-run: serve ``directory`` from this worker (local rank 0) on daemon threads.
 
-    A port that is taken is reported and skipped: training goes on without an endpoint.
+    A port that is taken, or an address or pod identity that cannot be used, is reported and
+    skipped: training goes on without an endpoint.
     """
     global _worker_exporter
     if _worker_exporter is not None:
         return _worker_exporter
     try:
+        identity = read_pod_identity(env)
         _worker_exporter = MetricsExporter(
             directory,
             port=port,
-            addr=env.get(METRICS_ADDR_VARIABLE) or "0.0.0.0",
+            addr=resolve_metrics_host(None, env, identity=identity),
+            identity=identity,
             env=env,
             job_start_unix_s=None,
             owns_directory=False,
             nvml_loader=load_nvml,
             gpu_interval_s=5.0,
         )
-    except OSError as error:
+    except (OSError, ValueError) as error:
         print(f"trainkit metrics: not serving /metrics: {error}", file=sys.stderr, flush=True)
         return None
     print(
-        f"trainkit metrics: local rank 0 serves http://{_worker_exporter.addr}:{_worker_exporter.port}/metrics "
-        f"({_worker_exporter.gpu_note})",
+        f"trainkit metrics: local rank 0 serves {_worker_exporter.url} ({_worker_exporter.gpu_note})",
         file=sys.stderr,
         flush=True,
     )

@@ -6,16 +6,23 @@ allocates per call or talks to the network; serving is the agent's job (``export
 
 from __future__ import annotations
 
-import getpass
 import os
-import shutil
 import sys
-import tempfile
 import time
 from bisect import bisect_left
 from collections.abc import Mapping
 from pathlib import Path
 
+from trainkit.metrics.directories import (
+    local_metrics_dir,
+    make_private_directory,
+    remove_other_runs,
+)
+from trainkit.metrics.settings import (
+    METRICS_DIR_VARIABLE,
+    METRICS_PORT_VARIABLE,
+    parse_metrics_port,
+)
 from trainkit.metrics.slots import CHECKPOINT_BUCKETS_S, STEP_BUCKETS_S, Field, open_slot
 from trainkit.world import World
 
@@ -39,10 +46,16 @@ __all__ = [
     "recorder_from_env",
 ]
 
-#: Set by trainkit-run for its workers: the directory of slots that the agent's exporter reads.
-METRICS_DIR_VARIABLE = "TRAINKIT_METRICS_DIR"
-#: The pod's metrics port; without trainkit-run, local rank 0 serves it (0 or unset: disabled).
-METRICS_PORT_VARIABLE = "TRAINKIT_METRICS_PORT"
+
+def _refuse_increment(call: str, **values: float | None) -> None:
+    """Raise for the first value that is negative or NaN: a counter that went down would read as
+    a reset to Prometheus (and a NaN would poison the pod's sum until the slot is deleted)."""
+    for name, value in values.items():
+        if value is not None and not value >= 0:
+            raise ValueError(
+                f"trainkit.metrics.{call}({name}={value!r}): must be a number >= 0, since it "
+                "adds to a counter that never goes down; pass what this step consumed or waited"
+            )
 
 
 class Recorder:
@@ -78,6 +91,8 @@ class Recorder:
 
     def step(self, samples: int, tokens: int | None = None, loss: float | None = None) -> None:
         now = _monotonic()
+        if not samples >= 0 or (tokens is not None and not tokens >= 0):
+            _refuse_increment("step", samples=samples, tokens=tokens)
         fields = self._fields
         self._samples += samples
         fields[_SAMPLES] = self._samples
@@ -105,11 +120,15 @@ class Recorder:
             fields[_PRODUCTIVE_S] = self._productive_s
 
     def observe_data_wait(self, seconds: float) -> None:
+        if not seconds >= 0:
+            _refuse_increment("observe_data_wait", seconds=seconds)
         fields = self._fields
         fields[Field.DATA_WAIT_S] += seconds
         fields[_STALL_S] += seconds
 
     def observe_checkpoint(self, blocking_s: float, total_s: float) -> None:
+        if not (blocking_s >= 0 and total_s >= 0):
+            _refuse_increment("observe_checkpoint", blocking_s=blocking_s, total_s=total_s)
         fields = self._fields
         fields[Field.CKPT_BLOCKING_SUM_S] += blocking_s
         fields[Field.CKPT_BLOCKING_COUNT] += 1
@@ -132,53 +151,21 @@ class DisabledRecorder:
 
     enabled = False
 
+    # Checks like the real recorder's, so a bad call fails the same way with metrics off.
     def step(self, samples: int, tokens: int | None = None, loss: float | None = None) -> None:
-        pass
+        if not samples >= 0 or (tokens is not None and not tokens >= 0):
+            _refuse_increment("step", samples=samples, tokens=tokens)
 
     def observe_data_wait(self, seconds: float) -> None:
-        pass
+        if not seconds >= 0:
+            _refuse_increment("observe_data_wait", seconds=seconds)
 
     def observe_checkpoint(self, blocking_s: float, total_s: float) -> None:
-        pass
+        if not (blocking_s >= 0 and total_s >= 0):
+            _refuse_increment("observe_checkpoint", blocking_s=blocking_s, total_s=total_s)
 
     def close(self) -> None:
         pass
-
-
-def _parse_port(env: Mapping[str, str]) -> int:
-    raw = env.get(METRICS_PORT_VARIABLE, "").strip()
-    if raw == "":
-        return 0
-    try:
-        port = int(raw)
-    except ValueError:
-        raise ValueError(
-            f"{METRICS_PORT_VARIABLE}={raw!r} is not a port number; set 1..65535, or 0 to disable metrics"
-        ) from None
-    if not 0 <= port < 65536:
-        raise ValueError(
-            f"{METRICS_PORT_VARIABLE}={raw!r} must be in 0..65535 (0 disables metrics)"
-        )
-    return port
-
-
-def _shared_memory_root() -> Path:
-    shm = Path("/dev/shm")
-    return shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
-
-
-def local_metrics_dir(port: int, run_id: str) -> Path:
-    """Where workers without trainkit-run keep their slots: one directory per (user, port, run)."""
-    safe_run = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
-    return _shared_memory_root() / f"trainkit-metrics-{getpass.getuser()}-p{port}-{safe_run}"
-
-
-def _remove_other_runs(current: Path) -> None:
-    # Only one run can hold the port at a time, so older runs' directories for it are stale.
-    prefix = current.name.rsplit("-", 1)[0] + "-"
-    for other in current.parent.glob(f"{prefix}*"):
-        if other != current and other.is_dir():
-            shutil.rmtree(other, ignore_errors=True)
 
 
 def recorder_from_env(env: Mapping[str, str] | None = None) -> Recorder | DisabledRecorder:
@@ -201,14 +188,14 @@ def recorder_from_env(env: Mapping[str, str] | None = None) -> Recorder | Disabl
             )
             return DisabledRecorder()
         return Recorder(directory, world)
-    port = _parse_port(env)
+    port = parse_metrics_port(env)
     if port == 0:
         return DisabledRecorder()
-    local_dir = local_metrics_dir(port, world.run_id)
-    local_dir.mkdir(parents=True, exist_ok=True)
+    local_dir = make_private_directory(local_metrics_dir(port, world.run_id))
     if world.local_rank == 0:
+        # Imported here: prometheus_client is only needed by the one process that serves.
         from trainkit.metrics.exporter import serve_in_worker
 
-        _remove_other_runs(local_dir)
+        remove_other_runs(local_dir)
         serve_in_worker(local_dir, port, env=env)
     return Recorder(local_dir, world)

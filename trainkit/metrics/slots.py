@@ -10,9 +10,12 @@ from __future__ import annotations
 import math
 import mmap
 import os
+import stat
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
+
+from trainkit.metrics.directories import process_alive
 
 __all__ = [
     "CHECKPOINT_BUCKETS_S",
@@ -20,9 +23,11 @@ __all__ = [
     "SLOT_BYTES",
     "STEP_BUCKETS_S",
     "Field",
+    "SlotScan",
     "SlotSnapshot",
     "open_slot",
     "read_slots",
+    "scan_slots",
     "slot_path",
 ]
 
@@ -98,6 +103,22 @@ SLOT_BYTES = SLOT_FIELDS * 8
 
 # Reset when a new incarnation takes a slot; everything else (counters, histograms) carries over.
 _PER_INCARNATION = (Field.LOSS, Field.LAST_STEP_MONOTONIC_S)
+# What a valid slot holds: whole numbers >= 0 that say who wrote it, and finite amounts >= 0 that
+# only grow (counters, histogram sums and buckets). Loss and the last-step stamp may be NaN.
+_WHOLE_NUMBERS = (
+    Field.PID,
+    Field.RESTART_COUNT,
+    Field.WORLD_SIZE,
+    Field.LOCAL_RANK,
+    Field.LOCAL_WORLD_SIZE,
+)
+_GROWING = (
+    Field.SAMPLES,
+    Field.TOKENS,
+    Field.DATA_WAIT_S,
+    Field.PRODUCTIVE_S,
+    *range(Field.STEP_SUM_S, Field.END),
+)
 
 
 def slot_path(directory: str | os.PathLike[str], local_rank: int) -> Path:
@@ -120,9 +141,15 @@ def open_slot(
     mapping (keep it alive) and a float64 view of it.
     """
     path = slot_path(directory, local_rank)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    # O_NOFOLLOW: a symlink planted under the slot's name must not redirect these writes.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        fresh = os.fstat(fd).st_size != SLOT_BYTES
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(
+                f"metrics slot {path} is not a regular file; remove it and restart the worker"
+            )
+        fresh = info.st_size != SLOT_BYTES
         if fresh:
             os.ftruncate(fd, 0)
             os.ftruncate(fd, SLOT_BYTES)
@@ -158,31 +185,41 @@ class SlotSnapshot:
         return self.values[index]
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A dead child that its parent has not reaped yet still has a pid; treat zombies as dead.
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            state = handle.read().rsplit(b")", 1)[1].split()[0]
-        return state != b"Z"
-    except (OSError, IndexError):
-        return True
+@dataclass(frozen=True)
+class SlotScan:
+    """What one pass over a slot directory found: usable slots, and slots that were skipped
+    because their contents are invalid (``bad``: each path with what is wrong with it)."""
+
+    slots: list[SlotSnapshot]
+    bad: list[tuple[Path, str]]
 
 
-def read_slots(directory: str | os.PathLike[str]) -> list[SlotSnapshot]:
-    """Copy every initialised slot in ``directory`` (sorted by local rank); missing dir -> []."""
-    snapshots = []
+def _problem(values: array, path: Path) -> str | None:
+    for index in _WHOLE_NUMBERS:
+        value = values[index]
+        if not (math.isfinite(value) and value >= 0 and value == int(value)):
+            return f"field {index} is {value!r}, expected a whole number >= 0"
+    for index in _GROWING:
+        value = values[index]
+        if not (math.isfinite(value) and value >= 0):
+            return f"field {index} is {value!r}, expected a finite amount >= 0"
+    if path != slot_path(path.parent, int(values[Field.LOCAL_RANK])):
+        return f"local rank {int(values[Field.LOCAL_RANK])} does not match the file name"
+    return None
+
+
+def scan_slots(directory: str | os.PathLike[str]) -> SlotScan:
+    """Copy every initialised slot in ``directory`` (sorted by local rank); missing dir -> empty.
+
+    A slot that is not initialised yet (or is being re-created) is left out silently; one whose
+    contents are invalid (a NaN rank, a negative counter) is left out and listed in ``bad``, so
+    one broken file never takes the pod's other series down with it.
+    """
+    snapshots, bad = [], []
     try:
         entries = sorted(Path(directory).glob("local-rank-*.slot"))
     except OSError:
-        return []
+        return SlotScan([], [])
     for path in entries:
         try:
             data = path.read_bytes()
@@ -194,11 +231,20 @@ def read_slots(directory: str | os.PathLike[str]) -> list[SlotSnapshot]:
         values.frombytes(data)
         if values[Field.VERSION] != LAYOUT_VERSION:
             continue
+        problem = _problem(values, path)
+        if problem is not None:
+            bad.append((path, problem))
+            continue
         snapshots.append(
             SlotSnapshot(
                 local_rank=int(values[Field.LOCAL_RANK]),
                 values=values,
-                alive=_pid_alive(int(values[Field.PID])),
+                alive=process_alive(int(values[Field.PID])),
             )
         )
-    return snapshots
+    return SlotScan(snapshots, bad)
+
+
+def read_slots(directory: str | os.PathLike[str]) -> list[SlotSnapshot]:
+    """The usable slots of ``scan_slots(directory)``."""
+    return scan_slots(directory).slots

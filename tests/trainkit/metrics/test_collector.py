@@ -12,10 +12,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from tests.trainkit.metrics.fake_nvml import FakeGpu, FakeNvml
 from tests.trainkit.metrics.jobs import parse_exposition, value
+from trainkit.k8s.identity import PodFiles, PodIdentity, read_pod_identity
 from trainkit.metrics.collector import METRIC_NAMES, PodCollector, pod_labels
 from trainkit.metrics.gpu import GpuSampler
 from trainkit.metrics.recorder import Recorder
-from trainkit.metrics.slots import SLOT_BYTES, Field, open_slot
+from trainkit.metrics.slots import SLOT_BYTES, Field, open_slot, scan_slots
 from trainkit.world import World
 
 LABELS = {"pod": "train-0", "namespace": "ml"}
@@ -165,8 +166,77 @@ def test_every_exposed_family_is_listed(tmp_path: Path) -> None:
     )
 
 
-def test_pod_labels_from_the_downward_api() -> None:
-    env = {"POD_NAME": "t-1", "POD_NAMESPACE": "ml", "NODE_NAME": "n7", "HOSTNAME": "x"}
-    assert pod_labels(env) == {"pod": "t-1", "namespace": "ml", "node": "n7"}
-    assert pod_labels({"HOSTNAME": "laptop"}) == {}
-    assert pod_labels({"HOSTNAME": "t-2", "KUBERNETES_SERVICE_HOST": "10.0.0.1"}) == {"pod": "t-2"}
+def identity_of(
+    tmp_path: Path, env: dict[str, str], hostname: str, namespace_file: str | None = None
+) -> PodIdentity:
+    """The identity ``read_pod_identity`` gives with only these facts (no real /etc files)."""
+    files = PodFiles(
+        hosts=str(tmp_path / "hosts"),
+        resolv_conf=str(tmp_path / "resolv.conf"),
+        namespace=str(tmp_path / "namespace"),
+    )
+    if namespace_file is not None:
+        (tmp_path / "namespace").write_text(namespace_file)
+    return read_pod_identity(env, hostname=hostname, files=files)
+
+
+def test_pod_labels_from_the_downward_api(tmp_path: Path) -> None:
+    env = {"POD_NAME": "t-1", "POD_NAMESPACE": "ml", "NODE_NAME": "n7"}
+    assert pod_labels(identity_of(tmp_path, env, "x"), env) == {
+        "pod": "t-1",
+        "namespace": "ml",
+        "node": "n7",
+    }
+    assert pod_labels(identity_of(tmp_path, {}, "laptop"), {}) == {}
+    in_pod = {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}
+    assert pod_labels(identity_of(tmp_path, in_pod, "t-2"), in_pod) == {"pod": "t-2"}
+
+
+def test_pod_labels_use_what_the_pod_identity_knows_beyond_the_env(tmp_path: Path) -> None:
+    # No POD_NAME / POD_NAMESPACE: the hostname names the pod, the service-account file holds the
+    # namespace. Labels read from the env variables alone would lack both.
+    env = {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}
+    identity = identity_of(tmp_path, env, "train-3", namespace_file="research\n")
+    assert identity.namespace == "research"
+    assert pod_labels(identity, env) == {"pod": "train-3", "namespace": "research"}
+
+
+def test_a_malformed_slot_is_skipped_and_counted_never_failing_the_scrape(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = Recorder(tmp_path, world(0))
+    good.step(10)
+    mapping, fields = open_slot(
+        tmp_path, local_rank=1, local_world_size=2, world_size=4, restart_count=0, now_unix_s=0
+    )
+    fields[Field.LOCAL_RANK] = math.nan
+    fields.release()
+    mapping.close()
+    collector = PodCollector(tmp_path, labels=LABELS, job_start_unix_s=0.0)
+    first = exposition(collector)
+    assert value(first, "trainkit_samples_total") == 10
+    assert value(first, "trainkit_metrics_bad_slots_total") == 1
+    assert value(exposition(collector), "trainkit_metrics_bad_slots_total") == 2
+    err = capsys.readouterr().err
+    assert err.count("local-rank-1.slot") == 1 and "nan" in err  # reported once, with the value
+    good.close()
+
+
+@pytest.mark.parametrize(
+    ("field", "bad"),
+    [
+        (Field.PID, -1.0),
+        (Field.WORLD_SIZE, math.inf),
+        (Field.SAMPLES, math.nan),
+        (Field.LOCAL_RANK, 7.0),
+    ],
+)
+def test_what_makes_a_slot_bad(tmp_path: Path, field: int, bad: float) -> None:
+    mapping, fields = open_slot(
+        tmp_path, local_rank=0, local_world_size=1, world_size=1, restart_count=0, now_unix_s=0
+    )
+    fields[field] = bad
+    scan = scan_slots(tmp_path)
+    assert scan.slots == [] and [path.name for path, _problem in scan.bad] == ["local-rank-0.slot"]
+    fields.release()
+    mapping.close()

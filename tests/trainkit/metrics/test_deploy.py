@@ -277,6 +277,5 @@ def test_pod_monitor_scrapes_the_agent_port_and_keeps_trainkit_labels() -> None:
     check(monitor, "PodMonitor")
     (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
     assert endpoint["honorLabels"] is True and endpoint["path"] == "/metrics"
-    readme = Path(__file__).resolve().parents[3] / "trainkit" / "metrics" / "README_SECTION.md"
-    text = readme.read_text() if readme.exists() else (readme.parents[3] / "README.md").read_text()
+    text = (Path(__file__).resolve().parents[3] / "README.md").read_text()
     assert f"{{name: {endpoint['port']}, containerPort: {DEFAULT_POD_METRICS_PORT}}}" in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 
@@ -10,8 +11,10 @@ import pytest
 from tests.trainkit.metrics.fake_nvml import FakeGpu, FakeNvml
 from tests.trainkit.metrics.jobs import parse_exposition, value
 from tests.trainkit.metrics.prometheus_server import scrape
+from trainkit.k8s.identity import PodFiles, PodIdentity, read_pod_identity
 from trainkit.metrics.exporter import (
     DEFAULT_POD_METRICS_PORT,
+    resolve_metrics_host,
     resolve_metrics_port,
     start_agent_exporter,
     start_pod_exporter,
@@ -115,7 +118,7 @@ def test_taken_default_port_leaves_metrics_off_but_a_chosen_one_fails(
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        monkeypatch.setattr("trainkit.metrics.exporter.DEFAULT_POD_METRICS_PORT", port)
+        monkeypatch.setattr("trainkit.metrics.settings.DEFAULT_POD_METRICS_PORT", port)
         pod = {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "TRAINKIT_METRICS_ADDR": "127.0.0.1"}
         assert start_pod_exporter(None, pod) is None
         assert "metrics off" in capsys.readouterr().err
@@ -123,3 +126,93 @@ def test_taken_default_port_leaves_metrics_off_but_a_chosen_one_fails(
             start_pod_exporter(port, pod)
         with pytest.raises(OSError, match="already in use"):
             start_pod_exporter(None, {**pod, "TRAINKIT_METRICS_PORT": str(port)})
+
+
+def pod_identity(tmp_path: Path, env: dict[str, str], hosts: str = "") -> PodIdentity:
+    (tmp_path / "hosts").write_text(hosts)
+    files = PodFiles(
+        hosts=str(tmp_path / "hosts"),
+        resolv_conf=str(tmp_path / "resolv.conf"),
+        namespace=str(tmp_path / "namespace"),
+    )
+    return read_pod_identity(env, hostname="train-0", files=files)
+
+
+@pytest.mark.parametrize(
+    ("flag", "env", "hosts", "expected"),
+    [
+        (None, {}, "", "127.0.0.1"),  # not a pod: loopback, never every interface
+        (None, {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "POD_IP": "10.1.2.3"}, "", "10.1.2.3"),
+        # The pod IP that kubelet wrote into /etc/hosts, with no POD_IP variable.
+        (
+            None,
+            {"KUBERNETES_SERVICE_HOST": "10.0.0.1"},
+            "10.1.2.4 train-0.svc-a.ml.svc.z train-0\n",
+            "10.1.2.4",
+        ),
+        (None, {"KUBERNETES_SERVICE_HOST": "10.0.0.1"}, "", "127.0.0.1"),  # pod IP unknown
+        (None, {"TRAINKIT_METRICS_HOST": "0.0.0.0", "POD_IP": "10.1.2.3"}, "", "0.0.0.0"),
+        (None, {"TRAINKIT_METRICS_ADDR": "::1"}, "", "::1"),  # the former name
+        (
+            None,
+            {"TRAINKIT_METRICS_HOST": "127.0.0.2", "TRAINKIT_METRICS_ADDR": "::1"},
+            "",
+            "127.0.0.2",
+        ),
+        ("10.9.9.9", {"TRAINKIT_METRICS_HOST": "0.0.0.0"}, "", "10.9.9.9"),
+    ],
+)
+def test_listen_address_resolution(
+    tmp_path: Path, flag: str | None, env: dict[str, str], hosts: str, expected: str
+) -> None:
+    identity = pod_identity(tmp_path, env, hosts)
+    assert resolve_metrics_host(flag, env, identity=identity) == expected
+
+
+@pytest.mark.parametrize(
+    ("flag", "env", "named"),
+    [
+        (None, {"TRAINKIT_METRICS_HOST": "pod-ip"}, "TRAINKIT_METRICS_HOST='pod-ip'"),
+        ("all", {}, "--metrics-host='all'"),
+    ],
+)
+def test_bad_listen_address_is_named(flag: str | None, env: dict[str, str], named: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(named) + " is not an IP address"):
+        resolve_metrics_host(flag, env)
+
+
+def test_default_listen_address_outside_a_pod_is_loopback(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with start_agent_exporter(0, env={}) as exporter:
+        assert exporter.addr == "127.0.0.1"
+        assert "trainkit_samples_total" in scrape(exporter.port)
+    assert "http://127.0.0.1:" in capsys.readouterr().err
+
+
+def test_an_address_this_machine_lacks_is_named() -> None:
+    with pytest.raises(
+        OSError, match=r"cannot serve metrics on 192\.0\.2\.1.*TRAINKIT_METRICS_HOST"
+    ):
+        start_agent_exporter(0, addr="192.0.2.1", env={})
+
+
+def test_close_removes_the_directory_even_when_interrupted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    exporter = start_agent_exporter(0, addr="127.0.0.1", env={})
+    directory = exporter.directory
+    server = exporter._server
+    assert server is not None
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt("a second SIGTERM while stopping")
+
+    monkeypatch.setattr(server, "close", interrupted)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            exporter.close()
+        assert not directory.exists()
+    finally:
+        monkeypatch.undo()
+        server.close()

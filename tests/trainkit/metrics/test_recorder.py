@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -205,3 +206,24 @@ def test_import_has_no_side_effects() -> None:
         "assert threading.active_count() == 1"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("call", "named"),
+    [
+        (lambda r: r.step(-8), "step(samples=-8)"),
+        (lambda r: r.step(8, tokens=-1), "step(tokens=-1)"),
+        (lambda r: r.step(float("nan")), "step(samples=nan)"),
+        (lambda r: r.observe_data_wait(-0.5), "observe_data_wait(seconds=-0.5)"),
+        (lambda r: r.observe_checkpoint(1.0, -2.0), "observe_checkpoint(total_s=-2.0)"),
+    ],
+)
+def test_negative_counter_increments_are_refused(tmp_path: Path, call: object, named: str) -> None:
+    recorder = Recorder(tmp_path, WORLD)
+    recorder.step(4)
+    before = slot_path(tmp_path, 1).read_bytes()
+    for target in (recorder, DisabledRecorder()):
+        with pytest.raises(ValueError, match=re.escape(named) + ".*>= 0"):
+            call(target)  # type: ignore[operator]
+    assert slot_path(tmp_path, 1).read_bytes() == before  # nothing half-recorded
+    recorder.close()
