@@ -85,12 +85,3 @@ def run_collectives_command(args: argparse.Namespace) -> int:
         *_forwarded(args),
     ]
     return subprocess.call(command)
-
-
-def main_for_tests(argv: list[str] | None = None) -> int:
-    """``trainkit``'s parser with only this module's commands, for tests run before the CLI lists it."""
-    parser = argparse.ArgumentParser(prog="trainkit")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    register(subparsers)
-    args = parser.parse_args(argv)
-    return int(args.func(args))
