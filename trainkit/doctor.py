@@ -78,16 +78,27 @@ def collect_report(
     timeout_s: float = 5.0,
     **paths: object,
 ) -> dict[str, object]:
-    """Everything ``trainkit doctor`` shows, as plain data."""
+    """Everything ``trainkit doctor`` shows, as plain data.
+
+    A variable the plan cannot parse (``TRAINKIT_REQUIRE_RDMA=yes``) gives ``plan`` None, the
+    message in ``plan_error`` and ``ok`` False, instead of an exception.
+    """
     from trainkit.comms import compute_plan
 
     env = dict(os.environ if env is None else env)
-    plan = compute_plan(env, root=root, **paths)
-    report: dict[str, object] = {"plan": plan.as_dict(), "plan_text": plan.format()}
+    report: dict[str, object]
+    try:
+        plan = compute_plan(env, root=root, **paths)
+    except ValueError as error:  # a malformed variable: name it and still show the other sections
+        report = {"plan": None, "plan_error": str(error), "plan_text": f"ERROR   {error}"}
+        ok = False
+    else:
+        report = {"plan": plan.as_dict(), "plan_text": plan.format()}
+        ok = not plan.errors
     if peers:
         report["identity"] = _identity_section(env, timeout_s)
     report["torch"] = _torch_section()
-    report["ok"] = not plan.errors
+    report["ok"] = ok
     return report
 
 

@@ -21,6 +21,7 @@ from trainkit.comms.rdma import (
     select_rdma,
 )
 from trainkit.comms.user_checks import DEBUG_VARIABLES, check_user_settings
+from trainkit.env_vars import REQUIRE_RDMA_VARIABLE, read_require_rdma
 
 __all__ = [
     "DEBUG_VARIABLES",
@@ -186,7 +187,10 @@ def build_plan(
     *,
     ours: Iterable[str] = (),
 ) -> Plan:
-    """Compute the plan. ``ours`` names variables a previous ``apply_plan`` set (not the user's)."""
+    """Compute the plan. ``ours`` names variables a previous ``apply_plan`` set (not the user's).
+
+    Raises ``ValueError`` when ``TRAINKIT_REQUIRE_RDMA`` is neither 0 nor 1.
+    """
     findings: list[Finding] = []
     candidates: dict[str, Setting] = {}
 
@@ -240,13 +244,13 @@ def build_plan(
     affinity = gpu_hca_affinity(resources, rdma.selected)
     findings.extend(_pod_findings(resources, affinity))
     findings.extend(check_user_settings(resources, env, transport != "tcp"))
-    if env.get("TRAINKIT_REQUIRE_RDMA") == "1" and transport == "tcp":
+    if read_require_rdma(env) and transport == "tcp":
         findings.append(
             Finding(
                 "error",
                 "require-rdma",
-                "TRAINKIT_REQUIRE_RDMA=1 but the plan falls back to TCP",
-                "fix the errors above, or unset TRAINKIT_REQUIRE_RDMA to accept TCP",
+                f"{REQUIRE_RDMA_VARIABLE}=1 but the plan falls back to TCP",
+                f"fix the errors above, or unset {REQUIRE_RDMA_VARIABLE} to accept TCP",
             )
         )
     return Plan(
