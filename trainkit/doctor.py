@@ -36,16 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _identity_section(env: Mapping[str, str], timeout_s: float) -> dict[str, object]:
-    try:
-        from trainkit.k8s.report import describe_pod
-    except ImportError as error:
-        from trainkit.world import World
+    from trainkit.k8s.report import describe_pod
 
-        return {
-            "available": False,
-            "reason": f"trainkit.k8s.report unavailable ({error})",
-            "world": World.from_env(env).as_dict(),
-        }
     try:
         return {"available": True, "report": describe_pod(dict(env), timeout_s=timeout_s)}
     except Exception as error:  # the doctor reports every failure instead of dying on the first
@@ -108,21 +100,11 @@ def format_report(report: Mapping[str, object]) -> str:
     if isinstance(identity, Mapping):
         lines.append("== identity and peers")
         if identity.get("available"):
-            try:
-                from trainkit.k8s.report import format_pod_report
+            from trainkit.k8s.report import format_pod_report
 
-                lines.append(format_pod_report(identity["report"]))
-            except ImportError:
-                lines.append(json.dumps(identity["report"], indent=2, default=str))
+            lines.append(format_pod_report(identity["report"]))
         else:
             lines.append(f"  {identity.get('reason')}")
-            if "world" in identity:
-                world = identity["world"]
-                lines.append(
-                    f"  world: rank {world['rank']}/{world['world_size']} node {world['node_rank']}"
-                    f"/{world['num_nodes']} master {world['master_addr']}:{world['master_port']} "
-                    f"(source {world['source']})"
-                )
     torch_info = report.get("torch", {})
     if isinstance(torch_info, Mapping) and "version" in torch_info:
         extra = (
