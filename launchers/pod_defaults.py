@@ -38,9 +38,10 @@ def apply_pod_defaults(
     ``RENDEZVOUS_OPTIONS`` is explicit.
     Sets ``rdzv_backend="k8s"``, ``rdzv_endpoint="<service>:<TRAINKIT_RDZV_PORT or 29400>"``,
     ``nnodes`` from ``TRAINKIT_NNODES`` (``PET_NNODES`` is already torchrun's own default),
-    ``local_addr`` from ``POD_IP``, ``rdzv_id`` from ``TRAINKIT_RUN_ID`` and, with
+    ``local_addr`` from the pod IP (``POD_IP``, else kubelet's /etc/hosts line), ``rdzv_id`` from ``TRAINKIT_RUN_ID`` and, with
     ``TRAINKIT_RDZV_STORE``, ``rdzv_conf`` ``store_service=<it>``; each only when not explicit.
-    Raises ``ValueError`` for a malformed variable, naming it.
+    Pod facts come from ``read_pod_identity``. Raises ``ValueError`` for a malformed variable,
+    naming it.
     """
     if not running_in_kubernetes(env):
         return []
@@ -49,12 +50,12 @@ def apply_pod_defaults(
         flags = ", ".join("--" + name.replace("_", "-") for name in chosen)
         return [f"pod defaults off: rendezvous chosen explicitly ({flags})"]
 
+    identity = read_pod_identity(env)
     service = getattr(args, "service", None)
     source = "--service"
     if not service and read_service(env) is not None:
         service, source = read_service(env), SERVICE_VARIABLE
     if not service:
-        identity = read_pod_identity(env)
         service, source = identity.subdomain, "the pod's subdomain"
     if not service:
         return [
@@ -78,9 +79,11 @@ def apply_pod_defaults(
             notes.append(
                 f"--nnodes {args.nnodes} (default; set TRAINKIT_NNODES to the number of pods, or MIN:MAX)"
             )
-    if "local_addr" not in explicit and env.get("POD_IP", "").strip():
-        args.local_addr = env["POD_IP"].strip()
-        notes.append(f"--local-addr {args.local_addr} (from POD_IP)")
+    if "local_addr" not in explicit and identity.pod_ip is not None:
+        args.local_addr = identity.pod_ip
+        notes.append(
+            f"--local-addr {args.local_addr} (the pod IP, from {identity.source_of('pod_ip')})"
+        )
     if "rdzv_id" not in explicit and read_run_id(env) is not None:
         args.rdzv_id = read_run_id(env)
         notes.append(f"--rdzv-id {args.rdzv_id} (from TRAINKIT_RUN_ID)")

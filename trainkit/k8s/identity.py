@@ -104,6 +104,10 @@ class PodIdentity:
             )
         return f"{self.peer_hostname(ordinal)}.{service_fqdn(service, self.namespace, self.cluster_domain)}"
 
+    def source_of(self, field_name: str) -> str:
+        """Where ``field_name`` was read from (``"POD_IP"``, ``"/etc/hosts"``, ...), or ``"unknown"``."""
+        return dict(self.sources).get(field_name, "unknown")
+
     def as_dict(self) -> dict[str, object]:
         data = asdict(self)
         data["sources"] = dict(self.sources)
