@@ -284,8 +284,10 @@ def read_pod_identity(
         if len(labels) >= 5 and labels[3] == "svc":
             subdomain, fqdn_namespace, fqdn_zone = labels[1], labels[2], ".".join(labels[4:])
             sources["subdomain"] = files.hosts
-    if subdomain is None and read_subdomain(env) is not None:
-        subdomain, sources["subdomain"] = read_subdomain(env), SUBDOMAIN_VARIABLE
+    if subdomain is None:
+        subdomain = read_subdomain(env)
+        if subdomain is not None:
+            sources["subdomain"] = SUBDOMAIN_VARIABLE
 
     namespace_file = (_read_text(files.namespace) or "").strip() or None
     namespace = None
