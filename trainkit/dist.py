@@ -1,7 +1,8 @@
 """Process-group life cycle for a worker: pick the backend, join the group, bind the device.
 
-``init()`` is idempotent and only reads the environment through ``World.from_env``; nothing here
-runs at import time.
+``init()`` is idempotent; it learns the world only from its ``World`` (never from launcher
+variables directly) and writes to the process environment in one place, ``_export_comms_plan``.
+Nothing here runs at import time.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import MutableMapping
 from datetime import timedelta
 
 from trainkit.world import World
@@ -19,10 +21,6 @@ logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _world: World | None = None
-
-# Sources whose worker environment is already complete for torch's env:// rendezvous (and, under
-# torchrun, points at the agent's store through TORCHELASTIC_USE_AGENT_STORE).
-_ENV_INIT_SOURCES = {"torchrun", "ray", "env"}
 
 
 def resolve_backend(backend: str, *, cuda_available: bool) -> str:
@@ -68,6 +66,43 @@ def _agent_store(world: World, timeout: timedelta):
     return dist.PrefixStore(f"trainkit/attempt-{world.restart_count}", client)
 
 
+def _export_comms_plan(process_env: MutableMapping[str, str]) -> None:
+    """Set the comms plan's NCCL variables the user left unset, in the process environment.
+
+    The one write to the environment: NCCL (C++) reads its variables with getenv() when a
+    communicator is created, so they must be in this process's real environment, not in a copy.
+    A no-op for what trainkit-run already applied, and it never overrides the user's settings.
+    """
+    from trainkit.comms import apply_plan
+
+    apply_plan(process_env)
+
+
+def _rendezvous(world: World, timeout: timedelta) -> dict[str, object]:
+    """``init_process_group`` arguments that join ``world``, taken from the ``World`` alone.
+
+    A world of one needs no network (an in-memory store avoids port clashes); under a launcher
+    whose agent serves the store (``use_agent_store``) workers join that store; otherwise rank 0
+    hosts a store at ``master_addr:master_port``, as torch's env:// would, but from the ``World``
+    passed in rather than from whatever ``MASTER_ADDR`` the process environment holds.
+    """
+    import torch.distributed as dist
+
+    if world.source == "single":
+        return {"store": dist.HashStore(), "rank": 0, "world_size": 1}
+    if world.use_agent_store:
+        return {
+            "store": _agent_store(world, timeout),
+            "rank": world.rank,
+            "world_size": world.world_size,
+        }
+    return {
+        "init_method": f"tcp://{_format_host(world.master_addr)}:{world.master_port}",
+        "rank": world.rank,
+        "world_size": world.world_size,
+    }
+
+
 def init(
     *,
     backend: str = "auto",
@@ -83,7 +118,7 @@ def init(
         backend: ``"auto"`` (default), ``"gloo"``, ``"nccl"`` or a device map such as
             ``"cpu:gloo,cuda:nccl"``.
         timeout: collective and rendezvous timeout (default 10 minutes).
-        world: the world to join; default ``World.from_env()``.
+        world: the world to join; default ``World.from_env()`` of the process environment.
     """
     global _world
     import torch
@@ -92,7 +127,8 @@ def init(
     with _lock:
         if _world is not None and dist.is_initialized():
             return _world
-        world = world or World.from_env()
+        process_env = os.environ
+        world = world or World.from_env(process_env)
         cuda_available = torch.cuda.is_available()
         resolved = resolve_backend(backend, cuda_available=cuda_available)
 
@@ -108,33 +144,12 @@ def init(
             device_id = torch.device("cuda", world.local_rank)
 
         if not dist.is_initialized():
-            from trainkit.comms import apply_plan
-
-            # NCCL reads its variables when the communicator is created: plan first (a no-op for
-            # what trainkit-run already applied, and it never overrides the user's settings).
-            apply_plan()
+            # Before joining: NCCL reads the plan's variables when the communicator is created.
+            _export_comms_plan(process_env)
             kwargs: dict[str, object] = {"backend": resolved, "timeout": timeout}
             if device_id is not None:
                 kwargs["device_id"] = device_id
-            if world.source == "single":
-                # A world of one needs no network: an in-memory store avoids port clashes.
-                kwargs.update(store=dist.HashStore(), rank=0, world_size=1)
-            elif (
-                world.source == "torchrun"
-                and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-            ):
-                kwargs.update(
-                    store=_agent_store(world, timeout), rank=world.rank, world_size=world.world_size
-                )
-            elif world.source in _ENV_INIT_SOURCES:
-                kwargs.update(init_method="env://", rank=world.rank, world_size=world.world_size)
-            else:
-                host = _format_host(world.master_addr)
-                kwargs.update(
-                    init_method=f"tcp://{host}:{world.master_port}",
-                    rank=world.rank,
-                    world_size=world.world_size,
-                )
+            kwargs.update(_rendezvous(world, timeout))
             dist.init_process_group(**kwargs)  # type: ignore[arg-type]
             logger.info(
                 "trainkit: rank %d/%d joined (backend %s, source %s)",

@@ -36,16 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _identity_section(env: Mapping[str, str], timeout_s: float) -> dict[str, object]:
-    try:
-        from trainkit.k8s.report import describe_pod
-    except ImportError as error:
-        from trainkit.world import World
+    from trainkit.k8s.report import describe_pod
 
-        return {
-            "available": False,
-            "reason": f"trainkit.k8s.report unavailable ({error})",
-            "world": World.from_env(env).as_dict(),
-        }
     try:
         return {"available": True, "report": describe_pod(dict(env), timeout_s=timeout_s)}
     except Exception as error:  # the doctor reports every failure instead of dying on the first
@@ -78,16 +70,27 @@ def collect_report(
     timeout_s: float = 5.0,
     **paths: object,
 ) -> dict[str, object]:
-    """Everything ``trainkit doctor`` shows, as plain data."""
+    """Everything ``trainkit doctor`` shows, as plain data.
+
+    A variable the plan cannot parse (``TRAINKIT_REQUIRE_RDMA=yes``) gives ``plan`` None, the
+    message in ``plan_error`` and ``ok`` False, instead of an exception.
+    """
     from trainkit.comms import compute_plan
 
     env = dict(os.environ if env is None else env)
-    plan = compute_plan(env, root=root, **paths)
-    report: dict[str, object] = {"plan": plan.as_dict(), "plan_text": plan.format()}
+    report: dict[str, object]
+    try:
+        plan = compute_plan(env, root=root, **paths)
+    except ValueError as error:  # a malformed variable: name it and still show the other sections
+        report = {"plan": None, "plan_error": str(error), "plan_text": f"ERROR   {error}"}
+        ok = False
+    else:
+        report = {"plan": plan.as_dict(), "plan_text": plan.format()}
+        ok = not plan.errors
     if peers:
         report["identity"] = _identity_section(env, timeout_s)
     report["torch"] = _torch_section()
-    report["ok"] = not plan.errors
+    report["ok"] = ok
     return report
 
 
@@ -97,21 +100,11 @@ def format_report(report: Mapping[str, object]) -> str:
     if isinstance(identity, Mapping):
         lines.append("== identity and peers")
         if identity.get("available"):
-            try:
-                from trainkit.k8s.report import format_pod_report
+            from trainkit.k8s.report import format_pod_report
 
-                lines.append(format_pod_report(identity["report"]))
-            except ImportError:
-                lines.append(json.dumps(identity["report"], indent=2, default=str))
+            lines.append(format_pod_report(identity["report"]))
         else:
             lines.append(f"  {identity.get('reason')}")
-            if "world" in identity:
-                world = identity["world"]
-                lines.append(
-                    f"  world: rank {world['rank']}/{world['world_size']} node {world['node_rank']}"
-                    f"/{world['num_nodes']} master {world['master_addr']}:{world['master_port']} "
-                    f"(source {world['source']})"
-                )
     torch_info = report.get("torch", {})
     if isinstance(torch_info, Mapping) and "version" in torch_info:
         extra = (

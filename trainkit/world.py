@@ -10,6 +10,8 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
+from trainkit.env_vars import NNODES_VARIABLE, NodeCount, parse_nnodes, read_nnodes
+
 __all__ = ["SOURCES", "World"]
 
 DEFAULT_MASTER_ADDR = "127.0.0.1"
@@ -25,6 +27,10 @@ class World:
     launcher in between), ``"ray"`` (Ray Train workers), ``"indexed-job"`` (Kubernetes indexed Job or
     JobSet, one process per pod), ``"env"`` (a bare ``RANK``/``WORLD_SIZE`` pair) or ``"single"``
     (``python script.py``, a world of one).
+
+    ``use_agent_store`` is True when the launcher's agent serves the store at
+    ``master_addr:master_port`` for the workers to join (torchrun's ``TORCHELASTIC_USE_AGENT_STORE``);
+    otherwise rank 0 hosts it.
     """
 
     rank: int = 0
@@ -38,6 +44,7 @@ class World:
     restart_count: int = 0
     run_id: str = "none"
     source: str = "single"
+    use_agent_store: bool = False
 
     def __post_init__(self) -> None:
         checks = [
@@ -162,7 +169,7 @@ _DESCRIBED_VARIABLES = {
     "PET_MASTER_ADDR",
     "PET_MASTER_PORT",
     "JOB_COMPLETION_INDEX",
-    "TRAINKIT_NNODES",
+    NNODES_VARIABLE,
 }
 
 
@@ -186,6 +193,8 @@ def _read_torchrun(env: Mapping[str, str]) -> World:
         master_port=e.int("MASTER_PORT", default=DEFAULT_MASTER_PORT),
         restart_count=e.int("TORCHELASTIC_RESTART_COUNT", default=0),
         run_id=e.str("TORCHELASTIC_RUN_ID", default="none"),
+        # torch's agent writes str(bool); only its literal "True" means the store is the agent's.
+        use_agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
     )
 
 
@@ -220,7 +229,11 @@ def _is_pytorchjob(env: Mapping[str, str]) -> bool:
 
 def _read_pytorchjob(env: Mapping[str, str]) -> World:
     e = _Env(env, "pytorchjob")
-    num_nodes = e.int("PET_NNODES", default=1)
+    num_nodes = 1
+    if e.has("PET_NNODES"):
+        num_nodes = _fixed_node_count(
+            parse_nnodes(env["PET_NNODES"], "PET_NNODES"), "PET_NNODES", "pytorchjob"
+        )
     nproc = env.get("PET_NPROC_PER_NODE", "1") or "1"
     if nproc != "1":
         raise ValueError(
@@ -247,13 +260,32 @@ def _read_pytorchjob(env: Mapping[str, str]) -> World:
     )
 
 
+def _fixed_node_count(node_count: NodeCount, name: str, source: str) -> int:
+    if not node_count.is_fixed:
+        raise ValueError(
+            f"{source} environment: {name}='{node_count}' is an elastic range, but a process "
+            "started without a launcher joins a fixed world; set a single number of pods, or start "
+            "the script with trainkit-run"
+        )
+    return node_count.min_nodes
+
+
 def _is_indexed_job(env: Mapping[str, str]) -> bool:
     return _Env(env, "indexed-job").has("JOB_COMPLETION_INDEX")
 
 
 def _read_indexed_job(env: Mapping[str, str]) -> World:
     e = _Env(env, "indexed-job")
-    num_nodes = e.int("TRAINKIT_NNODES", "WORLD_SIZE")
+    node_count = read_nnodes(env)
+    if node_count is not None:
+        num_nodes = _fixed_node_count(node_count, NNODES_VARIABLE, "indexed-job")
+    elif e.has("WORLD_SIZE"):
+        num_nodes = e.int("WORLD_SIZE")
+    else:
+        raise ValueError(
+            f"indexed-job environment: neither {NNODES_VARIABLE} nor WORLD_SIZE is set; set "
+            f"{NNODES_VARIABLE} to the Job's completions (its number of pods)"
+        )
     index = e.int("JOB_COMPLETION_INDEX")
     return e.build(
         rank=index,

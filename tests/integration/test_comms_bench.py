@@ -63,7 +63,7 @@ def run_cli(args: list[str]) -> tuple[int, str]:
     command = [
         sys.executable,
         "-c",
-        "import sys; from trainkit.comms.cli import main_for_tests; sys.exit(main_for_tests())",
+        "from trainkit.cli import main; main()",
         *args,
     ]
     with started([command]) as (process,):

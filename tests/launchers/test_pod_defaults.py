@@ -125,3 +125,33 @@ def test_explicit_nnodes_local_addr_and_conf_are_kept() -> None:
 def test_malformed_variables_are_named(name: str, value: str) -> None:
     with pytest.raises(ValueError, match=f"{name}={value!r}"):
         apply_pod_defaults(parse([]), set(), {**POD, name: value})
+
+
+def test_local_addr_is_the_pod_ip_that_identity_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No POD_IP from the downward API: kubelet's /etc/hosts line still names the pod's address.
+    import launchers.pod_defaults as pod_defaults
+    from trainkit.k8s.identity import PodIdentity
+
+    identity = PodIdentity(
+        hostname="w-1",
+        subdomain="train",
+        namespace="ml",
+        cluster_domain="cluster.local",
+        pod_name=None,
+        pod_ip="10.4.0.9",
+        workload="statefulset",
+        ordinal=1,
+        name_prefix="w",
+        in_kubernetes=True,
+        sources=(("pod_ip", "/etc/hosts"),),
+    )
+    monkeypatch.setattr(pod_defaults, "read_pod_identity", lambda env: identity)
+    args = parse([])
+    notes = apply_pod_defaults(args, set(), {"KUBERNETES_SERVICE_HOST": "10.96.0.1"})
+    assert args.local_addr == "10.4.0.9"
+    assert "--local-addr 10.4.0.9 (the pod IP, from /etc/hosts)" in notes
+
+
+def test_a_pod_ip_that_is_not_an_address_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"POD_IP: 'pod-ip' is not an IP address.*status\.podIP"):
+        apply_pod_defaults(parse([]), set(), {**POD, "POD_IP": "pod-ip"})

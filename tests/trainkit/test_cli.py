@@ -5,10 +5,20 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+# The checkout under test, so the child imports this code and not an installed copy.
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_world_subcommand_prints_the_world_from_the_environment() -> None:
-    env = {"PATH": "/usr/bin:/bin", "RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "10.0.0.1"}
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(REPO),
+        "RANK": "1",
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "10.0.0.1",
+    }
     result = subprocess.run(
         [sys.executable, "-c", "from trainkit.cli import main; main()", "world"],
         capture_output=True,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -22,8 +23,13 @@ def test_nccl_without_cuda_is_refused_with_the_fix() -> None:
         resolve_backend("nccl", cuda_available=False)
 
 
+# The checkout under test, so the child imports this code and not an installed copy.
+REPO = Path(__file__).resolve().parents[2]
+
+
 def run_python(code: str) -> subprocess.CompletedProcess[str]:
-    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
+    # No launcher variables: whatever the child joins must come from the World it is given.
+    env = {"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         capture_output=True,
@@ -64,3 +70,50 @@ def test_init_single_process_is_idempotent_and_shutdown_is_safe() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "single"
+
+
+def test_init_joins_the_world_it_is_given_not_the_process_environment() -> None:
+    # The process has no MASTER_ADDR/MASTER_PORT: env:// would fail; the World names the address.
+    result = run_python(
+        """
+        import os, socket, torch, torch.distributed as dist, trainkit
+        from trainkit.world import World
+        assert "MASTER_ADDR" not in os.environ
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0)); port = probe.getsockname()[1]
+        world = World(rank=0, world_size=1, master_port=port, source="env")
+        assert trainkit.init(world=world) is world
+        t = torch.ones(2); dist.all_reduce(t); assert t.tolist() == [1.0, 1.0]
+        trainkit.shutdown()
+        print("joined")
+        """
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "joined"
+
+
+def test_agent_store_comes_from_the_world_and_is_namespaced_by_restart() -> None:
+    # The agent's store is a server the worker only connects to; World.use_agent_store says so,
+    # with no TORCHELASTIC_USE_AGENT_STORE in the process environment.
+    result = run_python(
+        """
+        import os, socket, torch, torch.distributed as dist, trainkit
+        from trainkit.world import World
+        assert "TORCHELASTIC_USE_AGENT_STORE" not in os.environ
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0)); port = probe.getsockname()[1]
+        agent = dist.TCPStore("127.0.0.1", port, world_size=1, is_master=True, wait_for_workers=False)
+        world = World(
+            rank=0, world_size=1, master_port=port, restart_count=2, run_id="r",
+            source="torchrun", use_agent_store=True,
+        )
+        trainkit.init(world=world)
+        t = torch.ones(2); dist.all_reduce(t); assert t.tolist() == [1.0, 1.0]
+        keys = agent.list_keys()
+        trainkit.shutdown()
+        assert keys and all(key.startswith("trainkit/attempt-2/") for key in keys), keys
+        print("agent store")
+        """
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "agent store"

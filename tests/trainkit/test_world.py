@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from trainkit.world import World
@@ -84,6 +86,7 @@ def test_torchrun_worker_environment() -> None:
         restart_count=2,
         run_id="job-7",
         source="torchrun",
+        use_agent_store=True,
     )
     assert not world.is_main
 
@@ -176,3 +179,25 @@ def test_world_is_frozen_and_keyword_only() -> None:
         world.rank = 2  # type: ignore[misc]
     with pytest.raises(TypeError):
         World(1, 4)  # type: ignore[misc]
+
+
+def test_agent_store_flag_is_read_only_from_torchruns_literal_true() -> None:
+    assert World.from_env(TORCHRUN_WORKER).use_agent_store is True
+    for value in ("False", "1", ""):
+        world = World.from_env({**TORCHRUN_WORKER, "TORCHELASTIC_USE_AGENT_STORE": value})
+        assert world.use_agent_store is False, value
+    assert World(rank=1, world_size=4).use_agent_store is False
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [
+        ({**INDEXED_JOB_POD, "TRAINKIT_NNODES": "2:4"}, "TRAINKIT_NNODES='2:4'"),
+        ({**TRAINJOB_POD, "PET_NNODES": "1:4"}, "PET_NNODES='1:4'"),
+    ],
+)
+def test_an_elastic_node_range_without_a_launcher_is_refused(
+    env: dict[str, str], name: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(name) + ".*elastic range.*trainkit-run"):
+        World.from_env(env)

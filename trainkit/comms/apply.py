@@ -11,6 +11,12 @@ from collections.abc import MutableMapping
 
 from trainkit.comms.discovery import HostPaths, discover
 from trainkit.comms.plan import Plan, build_plan
+from trainkit.env_vars import (
+    APPLIED_VARIABLE,
+    REQUIRE_RDMA_VARIABLE,
+    read_comms_applied,
+    read_require_rdma,
+)
 
 __all__ = [
     "APPLIED_VARIABLE",
@@ -20,11 +26,6 @@ __all__ = [
     "apply_plan",
     "compute_plan",
 ]
-
-#: Comma-separated names trainkit set in this environment (so re-applying knows they are its own).
-APPLIED_VARIABLE = "TRAINKIT_COMMS_APPLIED"
-#: Set to 1 to make a plan that falls back to TCP an error.
-REQUIRE_RDMA_VARIABLE = "TRAINKIT_REQUIRE_RDMA"
 
 
 class CommsPlanError(ValueError):
@@ -48,15 +49,11 @@ class RDMARequiredError(CommsPlanError):
         )
 
 
-def _applied_names(env: MutableMapping[str, str]) -> set[str]:
-    return {name for name in env.get(APPLIED_VARIABLE, "").split(",") if name}
-
-
 def compute_plan(env: MutableMapping[str, str] | None = None, **paths: object) -> Plan:
     """The plan for this pod (or the tree under ``root=``) without changing ``env``."""
     env = os.environ if env is None else env
     resources = discover(HostPaths.from_kwargs(**paths), env)
-    return build_plan(resources, env, ours=_applied_names(env))
+    return build_plan(resources, env, ours=read_comms_applied(env))
 
 
 def apply_plan(env: MutableMapping[str, str] | None = None, **paths: object) -> Plan:
@@ -68,9 +65,9 @@ def apply_plan(env: MutableMapping[str, str] | None = None, **paths: object) -> 
     """
     env = os.environ if env is None else env
     plan = compute_plan(env, **paths)
-    if env.get(REQUIRE_RDMA_VARIABLE) == "1" and not plan.rdma_usable:
+    if read_require_rdma(env) and not plan.rdma_usable:
         raise RDMARequiredError(plan)
-    applied = _applied_names(env)
+    applied = read_comms_applied(env)
     for name, value in plan.to_export().items():
         if name not in env:
             env[name] = value

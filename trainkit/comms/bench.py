@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from trainkit.comms.formulas import OPERATIONS, algbw_gbps, bus_factor, busbw_gbps
+from trainkit.env_vars import APPLIED_VARIABLE
+from trainkit.world import World
 
 __all__ = [
     "BenchConfig",
@@ -257,8 +259,11 @@ def run_pairwise(
     num_iterations: int = 5,
     num_warmup: int = 1,
     device: object = None,
+    world: World | None = None,
 ) -> list[PairResult]:
     """Time a two-way exchange between every pair of pods, one pair at a time; all ranks call it.
+
+    ``world`` (default: the one ``trainkit.init()`` joined) tells each rank its local rank.
 
     A pod is represented by its local rank 0; other ranks only join the reductions. A pair's time
     is the fastest of ``num_iterations`` exchanges (the link's capacity: a CPU hiccup on a shared
@@ -269,7 +274,11 @@ def run_pairwise(
 
     rank, world_size = dist.get_rank(), dist.get_world_size()
     device = device or torch.device("cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world is None:
+        from trainkit.dist import current_world
+
+        world = current_world() or World.from_env()
+    local_rank = world.local_rank
     identity: list[object] = [None] * world_size
     dist.all_gather_object(identity, (local_rank, socket.gethostname()))
     leaders = [r for r, (lr, _) in enumerate(identity) if lr == 0]  # type: ignore[misc]
@@ -446,14 +455,18 @@ def run_in_world(args: argparse.Namespace) -> int:
         "environment": {
             name: value
             for name, value in sorted(os.environ.items())
-            if name.startswith(("NCCL_", "TORCH_NCCL_", "FI_", "GLOO_", "TRAINKIT_COMMS"))
+            if name.startswith(("NCCL_", "TORCH_NCCL_", "FI_", "GLOO_", APPLIED_VARIABLE))
         },
     }
     failures: list[str] = []
     try:
         if args.pairwise:
             pairs = run_pairwise(
-                pair_bytes, num_iterations=args.iters, num_warmup=args.warmup_iters, device=device
+                pair_bytes,
+                num_iterations=args.iters,
+                num_warmup=args.warmup_iters,
+                device=device,
+                world=world,
             )
             report = find_slow_links(
                 {p.ranks: p.gbps for p in pairs}, threshold=args.slow_threshold

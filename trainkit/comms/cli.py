@@ -1,7 +1,7 @@
 """``trainkit bench collectives``: the collective benchmark from the command line.
 
-Inside a launched world (RANK/WORLD_SIZE set) it measures in place; otherwise it starts
-``--nproc-per-node`` local processes with torch's own launcher and passes the flags on.
+Inside a launched world (any environment ``World.from_env`` recognises) it measures in place;
+otherwise it starts ``--nproc-per-node`` local processes with torch's own launcher.
 """
 
 from __future__ import annotations
@@ -69,8 +69,9 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
 
 def run_collectives_command(args: argparse.Namespace) -> int:
     from trainkit.comms import bench
+    from trainkit.world import World
 
-    if "WORLD_SIZE" in os.environ and "RANK" in os.environ:
+    if World.from_env().source != "single":
         return bench.run_in_world(args)
     if args.nproc_per_node < 1:
         raise SystemExit(f"--nproc-per-node ({args.nproc_per_node}) must be at least 1")
@@ -85,12 +86,3 @@ def run_collectives_command(args: argparse.Namespace) -> int:
         *_forwarded(args),
     ]
     return subprocess.call(command)
-
-
-def main_for_tests(argv: list[str] | None = None) -> int:
-    """``trainkit``'s parser with only this module's commands, for tests run before the CLI lists it."""
-    parser = argparse.ArgumentParser(prog="trainkit")
-    subparsers = parser.add_subparsers(dest="command", required=True)
-    register(subparsers)
-    args = parser.parse_args(argv)
-    return int(args.func(args))

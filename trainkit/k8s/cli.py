@@ -12,6 +12,8 @@ import sys
 import threading
 from datetime import timedelta
 
+from trainkit.env_vars import DEFAULT_RDZV_PORT
+
 __all__ = ["register", "run_store"]
 
 
@@ -24,7 +26,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "(e.g. rdzv-store) and start training pods with --rdzv-conf store_service=rdzv-store."
         ),
     )
-    parser.add_argument("--port", type=int, default=29400, help="port to listen on (default 29400)")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_RDZV_PORT,
+        help=f"port to listen on (default {DEFAULT_RDZV_PORT})",
+    )
     parser.add_argument(
         "--host", default="::", help="address to bind (default ::, all IPv4 and IPv6 addresses)"
     )

@@ -14,20 +14,32 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from trainkit.env_vars import (
+    CLUSTER_DOMAIN_VARIABLE,
+    SUBDOMAIN_VARIABLE,
+    WORKLOAD_KINDS,
+    read_cluster_domain,
+    read_pods_per_job,
+    read_subdomain,
+    read_workload,
+)
+
 __all__ = [
     "DEFAULT_CLUSTER_DOMAIN",
+    "IN_KUBERNETES_VARIABLE",
     "WORKLOAD_KINDS",
     "PodFiles",
     "PodIdentity",
     "parse_ordinal",
     "read_pod_identity",
+    "running_in_kubernetes",
     "service_fqdn",
 ]
 
 DEFAULT_CLUSTER_DOMAIN = "cluster.local"
 
-#: What ``TRAINKIT_WORKLOAD`` may force when the hostname alone is ambiguous.
-WORKLOAD_KINDS = ("statefulset", "indexed-job", "jobset", "pytorchjob")
+#: kubelet gives every container this variable (the API server's Service), service links or not.
+IN_KUBERNETES_VARIABLE = "KUBERNETES_SERVICE_HOST"
 
 _SA_NAMESPACE_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
@@ -92,6 +104,10 @@ class PodIdentity:
             )
         return f"{self.peer_hostname(ordinal)}.{service_fqdn(service, self.namespace, self.cluster_domain)}"
 
+    def source_of(self, field_name: str) -> str:
+        """Where ``field_name`` was read from (``"POD_IP"``, ``"/etc/hosts"``, ...), or ``"unknown"``."""
+        return dict(self.sources).get(field_name, "unknown")
+
     def as_dict(self) -> dict[str, object]:
         data = asdict(self)
         data["sources"] = dict(self.sources)
@@ -120,12 +136,8 @@ def parse_ordinal(
     ``<jobset>-<rjob>-<jobidx>-<podidx>`` (ordinal ``jobidx * TRAINKIT_PODS_PER_JOB + podidx``,
     default one pod per Job); Kubeflow ``PET_NODE_RANK``. ``TRAINKIT_WORKLOAD`` forces the kind.
     """
-    forced = env.get("TRAINKIT_WORKLOAD", "").strip().lower() or None
-    if forced is not None and forced not in WORKLOAD_KINDS:
-        raise ValueError(
-            f"TRAINKIT_WORKLOAD={forced!r}: expected one of {', '.join(WORKLOAD_KINDS)}"
-        )
-    pods_per_job = _positive_int(env, "TRAINKIT_PODS_PER_JOB", default=1)
+    forced = read_workload(env)
+    pods_per_job = read_pods_per_job(env)
     index = env.get("JOB_COMPLETION_INDEX", "").strip()
     jobset = _JOBSET_HOST.match(hostname)
     trailing = _TRAILING_NUMBER.match(hostname)
@@ -187,13 +199,10 @@ def parse_ordinal(
     return None, None, None, 1, "none"
 
 
-def _positive_int(env: Mapping[str, str], name: str, *, default: int) -> int:
-    raw = env.get(name, "").strip()
-    if raw == "":
-        return default
-    if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"{name}={raw!r} must be a positive integer")
-    return int(raw)
+def running_in_kubernetes(env: Mapping[str, str] | None = None) -> bool:
+    """True inside a Kubernetes pod; the one answer everyone uses (default env: ``os.environ``)."""
+    env = os.environ if env is None else env
+    return env.get(IN_KUBERNETES_VARIABLE, "") != ""
 
 
 def _read_text(path: str) -> str | None:
@@ -275,8 +284,10 @@ def read_pod_identity(
         if len(labels) >= 5 and labels[3] == "svc":
             subdomain, fqdn_namespace, fqdn_zone = labels[1], labels[2], ".".join(labels[4:])
             sources["subdomain"] = files.hosts
-    if subdomain is None and env.get("TRAINKIT_SUBDOMAIN"):
-        subdomain, sources["subdomain"] = env["TRAINKIT_SUBDOMAIN"], "TRAINKIT_SUBDOMAIN"
+    if subdomain is None:
+        subdomain = read_subdomain(env)
+        if subdomain is not None:
+            sources["subdomain"] = SUBDOMAIN_VARIABLE
 
     namespace_file = (_read_text(files.namespace) or "").strip() or None
     namespace = None
@@ -294,7 +305,7 @@ def read_pod_identity(
 
     cluster_domain = None
     for name, value in (
-        ("TRAINKIT_CLUSTER_DOMAIN", env.get("TRAINKIT_CLUSTER_DOMAIN", "").strip() or None),
+        (CLUSTER_DOMAIN_VARIABLE, read_cluster_domain(env)),
         (f"{files.resolv_conf} search", zone),
         (files.hosts, fqdn_zone),
     ):
@@ -332,6 +343,6 @@ def read_pod_identity(
         ordinal=ordinal,
         name_prefix=prefix,
         pods_per_job=pods_per_job,
-        in_kubernetes=env.get("KUBERNETES_SERVICE_HOST", "") != "",
+        in_kubernetes=running_in_kubernetes(env),
         sources=tuple(sorted(sources.items())),
     )

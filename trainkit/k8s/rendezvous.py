@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
+from trainkit.env_vars import DEFAULT_RDZV_PORT
 from trainkit.k8s.dns import (
     DiscoveryError,
     Resolver,
@@ -48,7 +49,7 @@ __all__ = [
 logger = logging.getLogger("trainkit.k8s.rendezvous")
 
 #: torch's c10d rendezvous default port, so ``--rdzv-endpoint svc`` means the same port as with c10d.
-DEFAULT_PORT = 29400
+DEFAULT_PORT = DEFAULT_RDZV_PORT
 
 _KEY_PREFIX = "trainkit.k8s/"
 _DISABLE_SHARED_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"

@@ -9,19 +9,28 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+from trainkit.env_vars import SERVICE_VARIABLE, parse_nnodes, read_nnodes, read_service
 from trainkit.k8s.dns import OK, Resolver, default_resolver
-from trainkit.k8s.identity import read_pod_identity, service_fqdn
+from trainkit.k8s.identity import IN_KUBERNETES_VARIABLE, read_pod_identity, service_fqdn
 
 __all__ = ["describe_pod", "format_pod_report"]
 
 
 def _service_name(env: Mapping[str, str], subdomain: str | None) -> tuple[str | None, str]:
-    for name in ("TRAINKIT_SERVICE",):
-        if env.get(name, "").strip():
-            return env[name].strip(), name
+    service = read_service(env)
+    if service is not None:
+        return service, SERVICE_VARIABLE
     if subdomain:
         return subdomain, "pod subdomain"
     return None, "none"
+
+
+def _expected_num_pods(env: Mapping[str, str]) -> int | None:
+    """The job's (largest) pod count from ``TRAINKIT_NNODES``, else ``PET_NNODES``; None if unknown."""
+    node_count = read_nnodes(env)
+    if node_count is None and env.get("PET_NNODES", "").strip():
+        node_count = parse_nnodes(env["PET_NNODES"], "PET_NNODES")
+    return None if node_count is None else node_count.max_nodes
 
 
 def describe_pod(
@@ -46,7 +55,7 @@ def describe_pod(
     report["identity"] = identity.as_dict()
     if not identity.in_kubernetes:
         report["problems"].append(
-            "KUBERNETES_SERVICE_HOST is not set: this does not look like a pod"
+            f"{IN_KUBERNETES_VARIABLE} is not set: this does not look like a pod"
         )
     service, source = _service_name(env, identity.subdomain)
     if service is None:
@@ -63,9 +72,10 @@ def describe_pod(
         return report
 
     if num_peers is None:
-        raw = env.get("TRAINKIT_NNODES", "") or env.get("PET_NNODES", "")
-        upper = raw.split(":")[-1].strip()
-        num_peers = int(upper) if upper.isdigit() else None
+        try:
+            num_peers = _expected_num_pods(env)
+        except ValueError as error:  # reported; the lookups below still run for the known ordinals
+            report["problems"].append(str(error))
     ordinals: list[int] = []
     if (
         identity.ordinal is not None

@@ -93,3 +93,11 @@ def test_torchrun_worker_default_is_not_mistaken_for_the_user() -> None:
     env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "3"
     sources = {s.name: s.source for s in compute_plan(env, **m.paths).settings}
     assert sources["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "user"
+
+
+def test_a_require_rdma_value_other_than_0_or_1_is_refused_before_anything_is_set() -> None:
+    # "true" used to mean "not required" without a word; the job then ran on TCP.
+    env = {"TRAINKIT_REQUIRE_RDMA": "true"}
+    with pytest.raises(ValueError, match=r"TRAINKIT_REQUIRE_RDMA='true': expected 1 .* or 0"):
+        apply_plan(env, **load_machine("no-rdma").paths)
+    assert env == {"TRAINKIT_REQUIRE_RDMA": "true"}

@@ -69,3 +69,13 @@ def test_every_fixture_has_a_report(capsys: pytest.CaptureFixture[str]) -> None:
     for name in names:
         report = doctor.collect_report({}, root=load_machine(name).root, peers=False)
         assert report["plan"]["settings"], name
+
+
+def test_a_malformed_require_rdma_is_named_not_ignored() -> None:
+    # "yes" used to be read as "not required": the job then ran on TCP without a word.
+    report = doctor.collect_report(
+        {"TRAINKIT_REQUIRE_RDMA": "yes"}, root=load_machine("dgx-h100-ib8").root, peers=False
+    )
+    assert report["ok"] is False and report["plan"] is None
+    assert "TRAINKIT_REQUIRE_RDMA='yes': expected 1" in str(report["plan_error"])
+    assert "TRAINKIT_REQUIRE_RDMA='yes'" in doctor.format_report(report)
