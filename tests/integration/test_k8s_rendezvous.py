@@ -22,7 +22,7 @@ pytestmark = [
     ),
 ]
 
-WORKER = Path(__file__).resolve().parents[1] / "k8s" / "allreduce_worker.py"
+WORKER = Path(__file__).resolve().parents[1] / "trainkit" / "k8s" / "allreduce_worker.py"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 TRAINKIT_RUN = [sys.executable, "-m", "launchers.run"]
 REPO = Path(__file__).resolve().parents[2]
@@ -262,8 +262,6 @@ def test_trainkit_run_elastic_world_orders_ordinal_2_before_10(
 
 @pytest.mark.timeout(120)
 def test_trainkit_run_pod_defaults_need_no_rendezvous_flags(podnet: PodNet, tmp_path: Path) -> None:
-    if "pod_defaults" not in (REPO / "launchers" / "run.py").read_text():
-        pytest.skip("launchers/run.py does not call launchers.pod_defaults.apply_pod_defaults yet")
     pods = [podnet.add_pod(f"w-{i}") for i in range(3)]
     env = launcher_env(tmp_path, TRAINKIT_NNODES="3")  # the Service comes from the pod's subdomain
     logs = [tmp_path / f"{pod.hostname}.log" for pod in pods]
