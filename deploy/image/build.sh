@@ -65,6 +65,7 @@ if [ "$builder" = buildah ]; then
 else
   versions=$("$builder" "${storage[@]}" run --rm --entrypoint cat "$image" /opt/trainkit/image-versions.json)
 fi
+unlabelled=$("$builder" "${storage[@]}" images --quiet --no-trunc "$image" | head -n1)
 label() { "$python" -c 'import json, sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "$versions" "$1"; }
 printf 'FROM %s\n' "$image" | "${build[@]}" \
   --label "io.trainkit.torch-version=$(label torch)" \
@@ -72,5 +73,11 @@ printf 'FROM %s\n' "$image" | "${build[@]}" \
   --label "io.trainkit.rdma-core-version=$(label rdma-core)" \
   --label "io.trainkit.python-version=$(label python)" \
   -t "$image" -f - "$context"
+# The unlabelled image is now untagged: drop it (its layers stay, shared with the labelled one).
+labelled=$("$builder" "${storage[@]}" images --quiet --no-trunc "$image" | head -n1)
+if [ -n "$unlabelled" ] && [ "$unlabelled" != "$labelled" ]; then
+  "$builder" "${storage[@]}" rmi "$unlabelled" >/dev/null || true
+fi
 finished=$(date +%s)
-echo "build.sh: $image built in $((finished - started)) s; versions $versions"
+size=$("$builder" "${storage[@]}" images --format '{{.Size}}' "$image" | head -n1)
+echo "build.sh: $image built in $((finished - started)) s, size $size; versions $versions"
