@@ -310,3 +310,15 @@ def test_keda_alternative_targets_the_elastic_statefulset() -> None:
 
 def test_path_helpers_cover_all_overlays() -> None:
     assert all(Path(overlay).is_dir() for overlay in OVERLAYS) and len(OVERLAYS) == 6
+
+
+@pytest.mark.parametrize("script", sorted((DEPLOY / "image").glob("*.sh")), ids=lambda p: p.name)
+def test_image_scripts_parse(script: Path) -> None:
+    """The opt-in image scripts (run by `make image`, not by the tests) at least parse."""
+    import subprocess
+
+    result = subprocess.run(
+        ["bash", "-n", str(script)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert script.stat().st_mode & 0o111, f"{script.name} is not executable"
