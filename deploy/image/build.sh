@@ -4,7 +4,8 @@
 #   deploy/image/build.sh                     # VARIANT=cpu, FROM localhost/debian:bookworm, buildah
 #   VARIANT=gpu BUILDER=docker IMAGE=registry.example.com/trainkit:gpu deploy/image/build.sh
 # Environment: VARIANT (cpu|gpu), IMAGE, BASE_IMAGE, BUILDER (buildah|podman|docker),
-# TORCH_SPEC (default torch==2.13.0), CONTEXT_ONLY=1 (prepare the context, build nothing),
+# TORCH_SPEC (default torch==2.13.0), TORCH_INDEX_URL (cpu: where torch's CPU wheel is, e.g.
+# https://download.pytorch.org/whl/cpu), CONTEXT_ONLY=1 (prepare the context, build nothing),
 # STORAGE_DRIVER (buildah/podman, default vfs: works inside containers without overlay support).
 set -euo pipefail
 
@@ -32,8 +33,15 @@ mkdir -p "$context/wheels"
 # wheel) and every dependency from here, so its build needs no package index at all.
 "$python" -m pip wheel --quiet --no-deps --wheel-dir "$context/wheels" .
 if [ "$variant" = cpu ]; then
-  "$python" -m pip download --quiet --dest "$context/wheels" --only-binary=:all: \
-    "$torch_spec" "$context"/wheels/trainkit-*.whl
+  # torch first, alone: PyPI's Linux torch is a CUDA build; TORCH_INDEX_URL (e.g.
+  # https://download.pytorch.org/whl/cpu) gets the CPU wheel where pip's own index lacks it.
+  torch_index=()
+  if [ -n "${TORCH_INDEX_URL:-}" ]; then torch_index=(--index-url "$TORCH_INDEX_URL"); fi
+  "$python" -m pip download --quiet --no-deps --only-binary=:all: --dest "$context/wheels" \
+    "${torch_index[@]}" "$torch_spec"
+  # Then everything torch and trainkit need, preferring the torch wheel already here.
+  "$python" -m pip download --quiet --only-binary=:all: --dest "$context/wheels" \
+    --find-links "$context/wheels" "$torch_spec" "$context"/wheels/trainkit-*.whl
 fi
 cp -r examples "$context/examples"
 cp deploy/image/record_versions.py "$context/"
