@@ -1,8 +1,9 @@
-"""Strict field checks for the custom resources in deploy/ (JobSet, PodMonitor).
+"""Strict field checks for the custom resources in deploy/ (JobSet, PodMonitor, KEDA ScaledObject).
 
 Their published CRD schemas cannot be fetched here (no network), so these are field lists written
 from the API references: JobSet from kubernetes-sigs/jobset api/jobset/v1alpha2/jobset_types.go,
-PodMonitor from the prometheus-operator API reference (monitoring.coreos.com/v1). An unknown or
+PodMonitor from the prometheus-operator API reference (monitoring.coreos.com/v1), ScaledObject
+from KEDA's reference (keda.sh/v1alpha1, KEDA 2.x). An unknown or
 misspelled key, a missing required key or a value outside an enum fails. Embedded Kubernetes types
 (a JobSet's Job template, label selectors) are checked against the real Kubernetes schemas instead.
 """
@@ -143,7 +144,66 @@ SCHEMAS: dict[str, Fields] = {
         set(),
         {},
     ),
+    "ScaledObject": (
+        {"apiVersion", "kind", "metadata", "spec"},
+        {"apiVersion", "kind", "metadata", "spec"},
+        {"metadata": "ObjectMeta", "spec": "ScaledObjectSpec"},
+    ),
+    "ScaledObjectSpec": (
+        {
+            "scaleTargetRef",
+            "pollingInterval",
+            "initialCooldownPeriod",
+            "cooldownPeriod",
+            "idleReplicaCount",
+            "minReplicaCount",
+            "maxReplicaCount",
+            "advanced",
+            "triggers",
+            "fallback",
+        },
+        {"scaleTargetRef", "triggers"},
+        {
+            "scaleTargetRef": "ScaleTarget",
+            "advanced": "AdvancedConfig",
+            "triggers": ["ScaleTrigger"],
+            "fallback": "Fallback",
+        },
+    ),
+    "ScaleTarget": ({"apiVersion", "kind", "name", "envSourceContainerName"}, {"name"}, {}),
+    "AdvancedConfig": (
+        {"horizontalPodAutoscalerConfig", "restoreToOriginalReplicaCount", "scalingModifiers"},
+        set(),
+        {"horizontalPodAutoscalerConfig": "HorizontalPodAutoscalerConfig"},
+    ),
+    "HorizontalPodAutoscalerConfig": ({"name", "behavior"}, set(), {"behavior": "HPABehavior"}),
+    "ScaleTrigger": (
+        {"type", "name", "metadata", "authenticationRef", "metricType", "useCachedMetrics"},
+        {"type", "metadata"},
+        {},
+    ),
+    "Fallback": (
+        {"failureThreshold", "replicas", "behavior"},
+        {"failureThreshold", "replicas"},
+        {},
+    ),
 }
+
+
+def _validate_hpa_behavior(behavior: object, where: str) -> list[str]:
+    """A ScaledObject's HPA behavior against the real autoscaling/v2 schema (strict)."""
+    hpa = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "behavior"},
+        "spec": {"scaleTargetRef": {"kind": "StatefulSet", "name": "x"}, "maxReplicas": 1},
+    }
+    hpa["spec"]["behavior"] = behavior
+    try:
+        kubernetes_validate.validate(hpa, "1.30.0", strict=True)
+    except kubernetes_validate.ValidationError as error:
+        return [f"{where}: {error.message} at {'.'.join(map(str, error.path))}"]
+    return []
 
 
 def _validate_job_template(template: object, where: str) -> list[str]:
@@ -174,6 +234,7 @@ def _validate_label_selector(selector: object, where: str) -> list[str]:
 SPECIAL: dict[str, Callable[[object, str], list[str]]] = {
     "JobTemplateSpec": _validate_job_template,
     "LabelSelector": _validate_label_selector,
+    "HPABehavior": _validate_hpa_behavior,
 }
 
 
@@ -211,7 +272,11 @@ def check(value: object, type_name: str, where: str) -> list[str]:
 
 
 def check_custom_resource(obj: dict) -> list[str]:
-    expected = {"JobSet": "jobset.x-k8s.io/v1alpha2", "PodMonitor": "monitoring.coreos.com/v1"}
+    expected = {
+        "JobSet": "jobset.x-k8s.io/v1alpha2",
+        "PodMonitor": "monitoring.coreos.com/v1",
+        "ScaledObject": "keda.sh/v1alpha1",
+    }
     kind = obj.get("kind")
     if kind not in expected:
         return [f"{kind}: no field list for this custom resource; add one to {__name__}"]
