@@ -46,3 +46,27 @@ test: venv system-deps lint
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Container image and Kubernetes manifests (deploy/). Opt-in: never part of `make test`.
+# `make image` builds the CPU variant with buildah on a Debian bookworm base it makes locally
+# (debootstrap; no registry needed) from wheels downloaded here, then runs deploy/image/check.sh:
+# tini as PID 1, trainkit-run --help, trainkit doctor, a 2-process job, SIGTERM -> save -> exit 75.
+# IMAGE_VARIANT=gpu builds FROM a CUDA runtime image with torch from the index (needs a registry).
+IMAGE_VARIANT ?= cpu
+IMAGE ?= localhost/trainkit:$(IMAGE_VARIANT)
+IMAGE_BUILDER ?= buildah
+
+.PHONY: image image-context manifests
+
+image: venv
+	@if [ "$(IMAGE_VARIANT)" = cpu ] && [ -z "$(BASE_IMAGE)" ]; then deploy/image/debian-base.sh; fi
+	VARIANT=$(IMAGE_VARIANT) IMAGE=$(IMAGE) BUILDER=$(IMAGE_BUILDER) PYTHON=$(BIN)/python deploy/image/build.sh
+	@if [ "$(IMAGE_BUILDER)" = buildah ]; then deploy/image/check.sh $(IMAGE); fi
+
+# The build context alone (deploy/.build/context), for docker/podman/buildah by hand.
+image-context: venv
+	VARIANT=$(IMAGE_VARIANT) CONTEXT_ONLY=1 PYTHON=$(BIN)/python deploy/image/build.sh
+
+# Every manifest and every overlay (kubectl kustomize) validated, values checked against the code.
+manifests: venv
+	$(BIN)/python -m pytest -q tests/deploy
