@@ -288,15 +288,6 @@ def test_dockerfile_agrees() -> None:
         assert f"{security['runAsUser']}:{security['runAsGroup']}" == user[-1]
 
 
-@pytest.mark.parametrize("name", ["podmonitor.yaml", "hpa.yaml"])
-def test_metrics_component_is_deploy_metrics(name: str) -> None:
-    """The kustomize component carries deploy/metrics/ files unchanged (see its kustomization)."""
-    copy = K8S / "components" / "metrics" / name
-    assert copy.read_bytes() == (DEPLOY / "metrics" / name).read_bytes(), (
-        f"{copy.relative_to(ROOT)} differs from deploy/metrics/{name}: copy it again"
-    )
-
-
 def test_keda_alternative_targets_the_elastic_statefulset() -> None:
     (scaled_object,) = load_documents(DEPLOY / "metrics" / "keda-scaledobject.yaml")
     (statefulset,) = load_documents(K8S / "base" / "elastic" / "statefulset.yaml")
