@@ -13,11 +13,13 @@ import zlib
 from dataclasses import dataclass, field
 
 from trainkit.checkpoint.errors import CorruptCheckpointError
+from trainkit.checkpoint.metadata import is_plain_file_name
 from trainkit.checkpoint.store import FileInfo, Store
 
 __all__ = [
     "COMMIT_NAME",
     "FORMAT_VERSION",
+    "PICKLED_METADATA_FORMAT_VERSION",
     "CommitRecord",
     "parse_step_dir",
     "read_commit",
@@ -27,7 +29,10 @@ __all__ = [
 ]
 
 COMMIT_NAME = "COMMIT.json"
-FORMAT_VERSION = 1
+#: 2: DCP metadata is JSON. 1: it was a pickle, which restore refuses (unpickling can run code).
+FORMAT_VERSION = 2
+PICKLED_METADATA_FORMAT_VERSION = 1
+_READABLE_FORMAT_VERSIONS = {PICKLED_METADATA_FORMAT_VERSION, FORMAT_VERSION}
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -78,7 +83,7 @@ class CommitRecord:
             canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
             if zlib.crc32(canonical.encode()) != outer["record_crc32"]:
                 raise ValueError(f"record checksum mismatch (stored {outer['record_crc32']})")
-            if body["format_version"] != FORMAT_VERSION:
+            if body["format_version"] not in _READABLE_FORMAT_VERSIONS:
                 raise ValueError(
                     f"format_version {body['format_version']} is not {FORMAT_VERSION} (written by "
                     f"trainkit {body.get('versions', {}).get('trainkit', '?')}; upgrade trainkit)"
@@ -89,11 +94,19 @@ class CommitRecord:
                 files={name: FileInfo.from_dict(info) for name, info in body["files"].items()},
                 created_unix_s=float(body["created_unix_s"]),
                 versions=dict(body.get("versions", {})),
+                format_version=int(body["format_version"]),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise CorruptCheckpointError(
                 step, f"{where}: unreadable commit record ({error}); the step is ignored"
             ) from None
+        escaping = sorted(name for name in record.files if not is_plain_file_name(name))
+        if escaping:
+            raise CorruptCheckpointError(
+                step,
+                f"{where}: the record lists {escaping[0]!r}, a path outside the step directory; "
+                "refused (the record was not written by trainkit)",
+            )
         if step is not None and record.step != step:
             raise CorruptCheckpointError(
                 step,

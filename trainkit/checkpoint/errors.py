@@ -13,6 +13,7 @@ __all__ = [
     "CheckpointNotWritableError",
     "CheckpointSaveError",
     "CorruptCheckpointError",
+    "UnsupportedCheckpointError",
     "describe_failure",
     "find_corruption",
 ]
@@ -28,6 +29,14 @@ class CheckpointNotWritableError(CheckpointError):
 
 class CorruptCheckpointError(CheckpointError):
     """A committed step's record or files do not verify (size, checksum, unreadable record)."""
+
+    def __init__(self, step: int | None, message: str) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+class UnsupportedCheckpointError(CheckpointError):
+    """A committed step in a format this trainkit refuses to read (pickled metadata of format 1)."""
 
     def __init__(self, step: int | None, message: str) -> None:
         super().__init__(message)

@@ -20,6 +20,7 @@ from typing import Any
 
 from trainkit.checkpoint.commit import (
     COMMIT_NAME,
+    PICKLED_METADATA_FORMAT_VERSION,
     CommitRecord,
     read_commit,
     scan_steps,
@@ -31,6 +32,7 @@ from trainkit.checkpoint.errors import (
     CheckpointMismatchError,
     CheckpointSaveError,
     CorruptCheckpointError,
+    UnsupportedCheckpointError,
     describe_failure,
     find_corruption,
 )
@@ -575,13 +577,21 @@ class CheckpointManager:
         problem = None
         try:
             record = read_commit(self.store, step_dir, step)
+            if record.format_version == PICKLED_METADATA_FORMAT_VERSION:
+                raise UnsupportedCheckpointError(
+                    step,
+                    f"checkpoint step {step} at {self.store.display(step_dir)} has pickled metadata "
+                    f"(commit format {record.format_version}, trainkit "
+                    f"{record.versions.get('trainkit', '?')}); restore refuses pickles because a "
+                    "crafted one runs code. Start a new checkpoint root, or move this step aside",
+                )
             metadata = load_metadata(
                 self._read_verified(step_dir, METADATA_NAME, record, step),
                 where=self.store.display(f"{step_dir}/{METADATA_NAME}"),
                 step=step,
             )
             self._check_sizes(step_dir, record, step)
-        except CorruptCheckpointError as error:
+        except (CorruptCheckpointError, UnsupportedCheckpointError) as error:
             problem = error
         if not self._agree_all(problem is None):
             raise problem or CorruptCheckpointError(
