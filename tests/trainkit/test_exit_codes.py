@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from trainkit.exit_codes import EXIT_PREEMPTED, describe_exit_code, record_worker_exit
+from trainkit.preemption import ExitRecord, read_exit_records
 
 
 def test_preempted_code_is_distinct_from_shell_and_signal_codes() -> None:
@@ -17,7 +18,7 @@ def test_preempted_code_is_distinct_from_shell_and_signal_codes() -> None:
 
 def test_worker_exit_is_recorded_by_rank(tmp_path: Path) -> None:
     record_worker_exit(EXIT_PREEMPTED, {"TRAINKIT_EXIT_STATUS_DIR": str(tmp_path), "RANK": "3"})
-    assert (tmp_path / "rank-3").read_text() == str(EXIT_PREEMPTED)
+    assert read_exit_records(tmp_path) == {3: ExitRecord(EXIT_PREEMPTED)}
     assert [path.name for path in tmp_path.iterdir()] == ["rank-3"]
 
 

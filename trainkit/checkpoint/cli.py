@@ -11,9 +11,10 @@ import json
 import time
 from typing import Any
 
+from trainkit.checkpoint.blocks import BufferPool, verify_file
 from trainkit.checkpoint.commit import read_commit, scan_steps, step_dir_name
 from trainkit.checkpoint.errors import CorruptCheckpointError
-from trainkit.checkpoint.store import BufferPool, Store, verify_file
+from trainkit.checkpoint.root import CheckpointRoot
 
 __all__ = ["list_checkpoints", "register", "verify_checkpoints"]
 
@@ -41,17 +42,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parser.set_defaults(func=func)
 
 
-def _store(args: argparse.Namespace) -> Store:
+def _store(args: argparse.Namespace) -> CheckpointRoot:
     try:
         options = json.loads(args.storage_options)
     except json.JSONDecodeError as error:
         raise SystemExit(
             f"--storage-options {args.storage_options!r} is not JSON: {error}"
         ) from None
-    return Store(args.root, options)
+    return CheckpointRoot(args.root, options)
 
 
-def list_checkpoints(store: Store) -> list[dict[str, Any]]:
+def list_checkpoints(store: CheckpointRoot) -> list[dict[str, Any]]:
     """One row per step directory, ascending: step, status, world size, bytes, files, age."""
     committed, partial = scan_steps(store)
     rows: list[dict[str, Any]] = []
@@ -81,7 +82,7 @@ def list_checkpoints(store: Store) -> list[dict[str, Any]]:
     return rows
 
 
-def verify_checkpoints(store: Store, step: int | None = None) -> list[dict[str, Any]]:
+def verify_checkpoints(store: CheckpointRoot, step: int | None = None) -> list[dict[str, Any]]:
     """Check every committed step (or one): ``ok`` or the first problem found, per step."""
     committed, _ = scan_steps(store)
     steps = committed if step is None else [step]

@@ -12,9 +12,10 @@ import re
 import zlib
 from dataclasses import dataclass, field
 
+from trainkit.checkpoint.blocks import FileInfo
 from trainkit.checkpoint.errors import CorruptCheckpointError
 from trainkit.checkpoint.metadata import is_plain_file_name
-from trainkit.checkpoint.store import FileInfo, Store
+from trainkit.checkpoint.root import CheckpointRoot
 
 __all__ = [
     "COMMIT_NAME",
@@ -115,12 +116,12 @@ class CommitRecord:
         return record
 
 
-def write_commit(store: Store, step_dir: str, record: CommitRecord) -> None:
+def write_commit(store: CheckpointRoot, step_dir: str, record: CommitRecord) -> None:
     """Publish ``record``: from here on the step is visible to ``restore``."""
     store.write_atomic(f"{step_dir}/{COMMIT_NAME}", record.encode())
 
 
-def read_commit(store: Store, step_dir: str, step: int) -> CommitRecord:
+def read_commit(store: CheckpointRoot, step_dir: str, step: int) -> CommitRecord:
     path = f"{step_dir}/{COMMIT_NAME}"
     try:
         data = store.read_bytes(path)
@@ -129,7 +130,7 @@ def read_commit(store: Store, step_dir: str, step: int) -> CommitRecord:
     return CommitRecord.decode(data, where=store.display(path), step=step)
 
 
-def scan_steps(store: Store) -> tuple[list[int], list[int]]:
+def scan_steps(store: CheckpointRoot) -> tuple[list[int], list[int]]:
     """(committed steps, partial steps) under the root, each ascending; committed = has a record."""
     committed, partial = [], []
     for name in store.list_names():

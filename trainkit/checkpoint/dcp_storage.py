@@ -30,9 +30,10 @@ from torch.distributed.checkpoint.planner import LoadItemType, ReadItem, WriteIt
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
+from trainkit.checkpoint.blocks import BufferPool, FileInfo, read_file_ranges
 from trainkit.checkpoint.errors import CorruptCheckpointError
 from trainkit.checkpoint.metadata import RawItem, decode_metadata, encode_metadata
-from trainkit.checkpoint.store import BufferPool, FileInfo, Store, read_file_ranges
+from trainkit.checkpoint.root import CheckpointRoot
 
 __all__ = [
     "METADATA_NAME",
@@ -65,7 +66,11 @@ class TrainkitStorageWriter(StorageWriter):
     """One ``__<rank>_0.distcp`` file per rank, streamed as raw bytes; rank 0 adds ``.metadata``."""
 
     def __init__(
-        self, store: Store, step_dir: str, pool: BufferPool, cancel: threading.Event | None = None
+        self,
+        store: CheckpointRoot,
+        step_dir: str,
+        pool: BufferPool,
+        cancel: threading.Event | None = None,
     ) -> None:
         super().__init__()
         self.cancel = cancel
@@ -163,7 +168,7 @@ class TrainkitStorageReader(StorageReader):
 
     def __init__(
         self,
-        store: Store,
+        store: CheckpointRoot,
         step_dir: str,
         files: dict[str, FileInfo],
         pool: BufferPool,

@@ -221,15 +221,17 @@ def test_other_model_is_a_clear_error_naming_step_and_key(tmp_path: Path) -> Non
 def test_root_that_is_not_writable(tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
+    unwritable = manager(blocker / "ckpt")  # restoring needs no write access
+    assert unwritable.restore(make_state()) is None
     with pytest.raises(
         CheckpointNotWritableError, match=rf"{blocker}/ckpt is not writable .*writable directory"
     ):
-        manager(blocker / "ckpt")
+        unwritable.save(1, make_state())
     if os.geteuid() != 0:
         readonly = tmp_path / "ro"
         readonly.mkdir(mode=0o500)
         with pytest.raises(CheckpointNotWritableError, match="is not writable"):
-            manager(readonly)
+            manager(readonly).save(1, make_state())
 
 
 class Boom:
