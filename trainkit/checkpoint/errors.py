@@ -20,7 +20,25 @@ __all__ = [
 
 
 class CheckpointError(Exception):
-    """Base class of every checkpoint error."""
+    """Base class of every checkpoint error.
+
+    Errors cross process boundaries: DCP gathers a rank's read error to every rank by pickling it.
+    The default ``Exception`` pickling calls ``cls(*args)``, which breaks for subclasses whose
+    constructor takes more than the message, so every subclass is rebuilt from its message and
+    attributes instead.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_error, (type(self), self.args, dict(self.__dict__)))
+
+
+def _rebuild_error(
+    cls: type[CheckpointError], args: tuple[Any, ...], attributes: dict[str, Any]
+) -> CheckpointError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(attributes)
+    return error
 
 
 class CheckpointNotWritableError(CheckpointError):
