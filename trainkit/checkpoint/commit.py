@@ -12,8 +12,8 @@ import re
 import zlib
 from dataclasses import dataclass, field
 
-from trainkit.checkpoint.blocks import FileInfo
-from trainkit.checkpoint.errors import CorruptCheckpointError
+from trainkit.checkpoint.blocks import BufferPool, FileInfo, verify_file
+from trainkit.checkpoint.errors import CorruptCheckpointError, UnsupportedCheckpointError
 from trainkit.checkpoint.metadata import is_plain_file_name
 from trainkit.checkpoint.root import CheckpointRoot
 
@@ -22,10 +22,13 @@ __all__ = [
     "FORMAT_VERSION",
     "PICKLED_METADATA_FORMAT_VERSION",
     "CommitRecord",
+    "check_sizes",
+    "classify_steps",
     "parse_step_dir",
     "read_commit",
     "scan_steps",
     "step_dir_name",
+    "verify_step",
     "write_commit",
 ]
 
@@ -85,9 +88,11 @@ class CommitRecord:
             if zlib.crc32(canonical.encode()) != outer["record_crc32"]:
                 raise ValueError(f"record checksum mismatch (stored {outer['record_crc32']})")
             if body["format_version"] not in _READABLE_FORMAT_VERSIONS:
-                raise ValueError(
-                    f"format_version {body['format_version']} is not {FORMAT_VERSION} (written by "
-                    f"trainkit {body.get('versions', {}).get('trainkit', '?')}; upgrade trainkit)"
+                raise UnsupportedCheckpointError(
+                    step,
+                    f"{where}: format_version {body['format_version']} is not {FORMAT_VERSION} "
+                    f"(written by trainkit {body.get('versions', {}).get('trainkit', '?')}); "
+                    "upgrade trainkit to read it",
                 )
             record = cls(
                 step=int(body["step"]),
@@ -128,6 +133,53 @@ def read_commit(store: CheckpointRoot, step_dir: str, step: int) -> CommitRecord
     except FileNotFoundError:
         raise CorruptCheckpointError(step, f"{store.display(path)}: no commit record") from None
     return CommitRecord.decode(data, where=store.display(path), step=step)
+
+
+def check_sizes(store: CheckpointRoot, step_dir: str, record: CommitRecord, step: int) -> None:
+    """Every file the record lists exists with its recorded size (cheap: no data is read)."""
+    for name, info in record.files.items():
+        path = f"{step_dir}/{name}"
+        try:
+            actual = store.size(path)
+        except FileNotFoundError:
+            raise CorruptCheckpointError(
+                step, f"{store.display(path)}: listed in the commit record but missing"
+            ) from None
+        if actual != info.size:
+            raise CorruptCheckpointError(
+                step,
+                f"{store.display(path)}: {actual} bytes, the commit record says {info.size}",
+            )
+
+
+def verify_step(store: CheckpointRoot, step: int, pool: BufferPool) -> CommitRecord:
+    """Read the record and every byte it lists, checking sizes and block checksums."""
+    step_dir = store.join(step_dir_name(step))
+    record = read_commit(store, step_dir, step)
+    check_sizes(store, step_dir, record, step)
+    for name, info in sorted(record.files.items()):
+        verify_file(store, f"{step_dir}/{name}", info, pool, step=step)
+    return record
+
+
+def classify_steps(store: CheckpointRoot) -> tuple[list[int], list[int], list[int]]:
+    """(committed, partial, not understood) steps, each ascending.
+
+    Committed: the record parses, self-checks and every file it lists has its size. Partial: no
+    record. Not understood: a record that is damaged or of another format version; nothing may
+    count or delete those (a newer trainkit may have written them before a rollback).
+    """
+    committed, partial = scan_steps(store)
+    understood, unknown = [], []
+    for step in committed:
+        step_dir = store.join(step_dir_name(step))
+        try:
+            check_sizes(store, step_dir, read_commit(store, step_dir, step), step)
+        except (CorruptCheckpointError, UnsupportedCheckpointError):
+            unknown.append(step)
+            continue
+        understood.append(step)
+    return understood, partial, unknown
 
 
 def scan_steps(store: CheckpointRoot) -> tuple[list[int], list[int]]:

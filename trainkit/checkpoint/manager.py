@@ -21,11 +21,19 @@ from trainkit.checkpoint.blocks import BufferPool, FileInfo, write_file
 from trainkit.checkpoint.commit import (
     COMMIT_NAME,
     CommitRecord,
+    classify_steps,
     scan_steps,
     step_dir_name,
+    verify_step,
     write_commit,
 )
-from trainkit.checkpoint.errors import CheckpointError, CheckpointSaveError, describe_failure
+from trainkit.checkpoint.errors import (
+    CheckpointError,
+    CheckpointSaveError,
+    CorruptCheckpointError,
+    UnsupportedCheckpointError,
+    describe_failure,
+)
 from trainkit.checkpoint.groups import CheckpointGroups
 from trainkit.checkpoint.layout import rank_file_name, serialize_rank_state, split_state
 from trainkit.checkpoint.restore import Restorer
@@ -421,7 +429,8 @@ class CheckpointManager:
             )
 
     def _remove_old_steps(self, in_flight: int) -> None:
-        committed, partial = scan_steps(self.store)
+        # Steps whose record does not parse or verify are left alone: neither counted nor deleted.
+        committed, partial, _not_understood = classify_steps(self.store)
         for step in plan_retention(
             committed,
             partial,
@@ -460,12 +469,34 @@ class CheckpointManager:
             logger.exception("trainkit: recording checkpoint metrics failed")
 
     def _already_committed(self, step: int) -> bool:
-        found = (
-            self.store.exists(f"{self.store.join(step_dir_name(step))}/{COMMIT_NAME}")
-            if self.world.is_main
-            else None
-        )
-        return bool(self._groups.broadcast(found))
+        """True when ``step`` is committed and verifies; a committed step that does not verify is
+        uncommitted and removed here, so the save that follows replaces it."""
+        verdict = self._check_existing_step(step) if self.world.is_main else None
+        verdict = self._groups.broadcast(verdict)
+        if verdict not in {"committed", "absent"}:
+            raise CheckpointSaveError(step, verdict)
+        return verdict == "committed"
+
+    def _check_existing_step(self, step: int) -> str:
+        step_dir = self.store.join(step_dir_name(step))
+        if not self.store.exists(f"{step_dir}/{COMMIT_NAME}"):
+            return "absent"
+        try:
+            verify_step(self.store, step, self._pool)
+        except UnsupportedCheckpointError as error:
+            return (
+                f"checkpoint step {step} already exists in a format this trainkit does not "
+                f"understand ({error}); not replacing it - upgrade trainkit or use another root"
+            )
+        except CorruptCheckpointError as error:
+            logger.warning(
+                "trainkit: committed step %d does not verify (%s); replacing it", step, error
+            )
+            # Drop the record first: a half-deleted step is then uncommitted, never corrupt-looking.
+            self.store.remove_tree(f"{step_dir}/{COMMIT_NAME}")
+            self.store.remove_tree(step_dir)
+            return "absent"
+        return "committed"
 
     def _raise_background_error(self) -> None:
         error, self._error = self._error, None

@@ -16,6 +16,7 @@ from trainkit.checkpoint.blocks import BufferPool, read_file_ranges
 from trainkit.checkpoint.commit import (
     PICKLED_METADATA_FORMAT_VERSION,
     CommitRecord,
+    check_sizes,
     read_commit,
     scan_steps,
     step_dir_name,
@@ -72,15 +73,21 @@ class Restorer:
         is tried. A checkpoint that does not fit ``state`` raises ``CheckpointMismatchError``.
         """
         committed = self.groups.broadcast(scan_steps(self.root)[0] if self.world.is_main else None)
+        refused: UnsupportedCheckpointError | None = None
         for step in reversed(committed):
             try:
                 self.restore_step(step, state)
-            except CorruptCheckpointError as error:
+            except (CorruptCheckpointError, UnsupportedCheckpointError) as error:
+                if isinstance(error, UnsupportedCheckpointError):
+                    refused = refused or error
                 warnings.warn(f"trainkit: skipping checkpoint step {step}: {error}", stacklevel=3)
                 logger.warning("trainkit: skipping checkpoint step %d: %s", step, error)
                 continue
             logger.info("trainkit: restored step %d from %s", step, self.root.url)
             return step
+        if refused is not None:
+            # Starting from scratch beside checkpoints this version refuses would silently lose them.
+            raise refused
         return None
 
     def restore_step(self, step: int, state: MutableMapping[str, Any]) -> None:
@@ -112,7 +119,7 @@ class Restorer:
                 where=self.root.display(f"{step_dir}/{METADATA_NAME}"),
                 step=step,
             )
-            self._check_sizes(step_dir, record, step)
+            check_sizes(self.root, step_dir, record, step)
         except (CorruptCheckpointError, UnsupportedCheckpointError) as error:
             problem = error
         if not self.groups.agree_all(problem is None):
@@ -249,21 +256,6 @@ class Restorer:
                 step, f"{self.root.display(step_dir)}/{name}: missing"
             ) from None
         return bytes(data)
-
-    def _check_sizes(self, step_dir: str, record: CommitRecord, step: int) -> None:
-        for name, info in record.files.items():
-            path = f"{step_dir}/{name}"
-            try:
-                actual = self.root.size(path)
-            except FileNotFoundError:
-                raise CorruptCheckpointError(
-                    step, f"{self.root.display(path)}: listed in the commit record but missing"
-                ) from None
-            if actual != info.size:
-                raise CorruptCheckpointError(
-                    step,
-                    f"{self.root.display(path)}: {actual} bytes, the commit record says {info.size}",
-                )
 
     def _read_rank_states(
         self, step_dir: str, record: CommitRecord, step: int

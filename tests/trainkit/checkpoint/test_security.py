@@ -80,14 +80,21 @@ def test_crafted_metadata_pickle_runs_nothing_during_restore(
         getattr_gadget(f"touch {marker}"),
         format_version=format_version,
     )
-    if format_version == 2:
-        with pytest.warns(UserWarning, match=r"step 2: .*\.metadata: metadata refused \(not JSON"):
-            assert manager(root).restore(make_state()) == 1
-    else:
-        # Format 1 had pickled metadata: refused outright rather than unpickled or silently skipped.
-        with pytest.raises(UnsupportedCheckpointError, match=r"step 2 .*pickled metadata"):
-            manager(root).restore(make_state())
+    refusal = r"metadata refused \(not JSON" if format_version == 2 else r"has pickled metadata"
+    with pytest.warns(UserWarning, match=rf"step 2: .*{refusal}"):
+        assert manager(root).restore(make_state()) == 1
     assert not marker.exists()
+
+
+def test_only_pickled_metadata_steps_are_refused_not_silently_skipped(tmp_path: Path) -> None:
+    with manager(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, make_state())
+    seal(tmp_path / step_dir_name(1), ".metadata", pickle.dumps({}), format_version=1)
+    with (
+        pytest.warns(UserWarning, match="skipping checkpoint step 1"),
+        pytest.raises(UnsupportedCheckpointError, match=r"step 1 .*pickled metadata"),
+    ):
+        manager(tmp_path).restore(make_state())
 
 
 def test_metadata_round_trips_as_json(tmp_path: Path) -> None:
