@@ -384,7 +384,7 @@ class CheckpointManager:
                 for rank_files, _ in reports:
                     merged.update(rank_files)
                 outcome = self._commit(step, step_dir, merged)
-        outcome = self._groups.broadcast(outcome)
+        outcome = self._groups.broadcast(outcome, background=True)
         if outcome and cancel.is_set():
             raise _Abandoned()
         if outcome:
