@@ -7,9 +7,11 @@ uploads to object stores. This module never decides what is committed or where t
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 import queue
+import shutil
 import threading
 import zlib
 from collections.abc import Callable, Iterable
@@ -29,12 +31,39 @@ __all__ = [
     "FileInfo",
     "read_file_ranges",
     "verify_file",
+    "with_path",
     "write_file",
 ]
 
 #: Checksum and I/O granularity: large sequential writes, one checksum per block.
 BLOCK_BYTES = 32 << 20
 _DIRECT_ALIGN = 4096
+
+
+def _format_bytes(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{count} B"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def with_path(error: OSError, path: str) -> OSError:
+    """``error`` naming ``path`` (``os.write`` errors name no file) and, for a full volume, the space
+    left on it; errors that already name a file are returned as they are."""
+    if error.filename is not None:
+        return error
+    message = error.strerror or str(error)
+    if error.errno == errno.ENOSPC:
+        try:
+            free = shutil.disk_usage(os.path.dirname(path) or ".").free
+        except OSError:
+            pass
+        else:
+            message = f"{message} ({_format_bytes(free)} free on that volume)"
+    annotated = OSError(error.errno, message, path)
+    annotated.__cause__ = error
+    return annotated
 
 
 class CancelledError(Exception):
@@ -155,7 +184,10 @@ class BlockWriter:
         self._checksum = CHECKSUMS[self.info.checksum]
         self._local = store.is_local
         if self._local:
-            self._fd, self._direct = _open_for_write(path)
+            try:
+                self._fd, self._direct = _open_for_write(path)
+            except OSError as error:
+                raise with_path(error, path) from None
             self._file = None
         else:
             self._fd, self._direct = -1, False
@@ -180,7 +212,9 @@ class BlockWriter:
             try:
                 if self._error is None:
                     self._write_out(memoryview(buffer)[:length])
-            except BaseException as error:  # reported by close()
+            except OSError as error:  # reported by write() or close()
+                self._error = with_path(error, self.path)
+            except BaseException as error:
                 self._error = error
             finally:
                 self._free.put(buffer)
@@ -247,6 +281,8 @@ class BlockWriter:
                 if self._direct:
                     os.ftruncate(self._fd, self.info.size)  # drop the alignment padding
                 os.fsync(self._fd)
+        except OSError as error:
+            raise with_path(error, self.path) from None
         finally:
             if self._fd >= 0:
                 os.close(self._fd)

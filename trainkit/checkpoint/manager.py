@@ -70,6 +70,13 @@ def _checkpoint_exception() -> type[BaseException]:
     return CheckpointException
 
 
+def _rank_failure(rank: int, error: BaseException) -> str:
+    """One line for a failed write; DCP's own exception already names every failed rank."""
+    if isinstance(getattr(error, "failures", None), dict):
+        return describe_failure(error)
+    return f"rank {rank}: {describe_failure(error)}"
+
+
 class _Abandoned(Exception):
     """The in-flight save was given up to leave the grace period to the preemption save."""
 
@@ -369,14 +376,15 @@ class CheckpointManager:
                     self.world.rank,
                     describe_failure(error),
                 )
-            failure = failure or f"rank {self.world.rank}: {describe_failure(error)}"
+            failure = failure or _rank_failure(self.world.rank, error)
         if cancel.is_set():
             failure = "abandoned"
         # Every rank reports; rank 0 commits only if all files of all ranks are durable.
         reports = self._groups.gather((files, failure))
         outcome: str | None = None
         if self.world.is_main:
-            problems = [problem for _files, problem in reports if problem]
+            # DCP reports every rank's error on every rank: list each once.
+            problems = list(dict.fromkeys(problem for _files, problem in reports if problem))
             if problems:
                 outcome = "; ".join(problems)
             else:
@@ -385,6 +393,8 @@ class CheckpointManager:
                     merged.update(rank_files)
                 outcome = self._commit(step, step_dir, merged)
         outcome = self._groups.broadcast(outcome, background=True)
+        if outcome:
+            self._remove_partial_step(step, step_dir)
         if outcome and cancel.is_set():
             raise _Abandoned()
         if outcome:
@@ -393,6 +403,14 @@ class CheckpointManager:
             )
         total_s = time.monotonic() - snapshot.started
         self._after_commit(step, snapshot.blocking_s, total_s)
+
+    def _remove_partial_step(self, step: int, step_dir: str) -> None:
+        """Delete an uncommitted step's files now: after a full disk, waiting for the next commit
+        to clean them would keep the volume full and fail every later save too."""
+        try:
+            self.store.remove_tree(step_dir)
+        except OSError as error:  # another rank may be removing the same shared directory
+            logger.warning("trainkit: removing uncommitted step %d failed: %s", step, error)
 
     def _commit(self, step: int, step_dir: str, files: dict[str, FileInfo]) -> str | None:
         try:

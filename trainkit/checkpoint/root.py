@@ -11,7 +11,7 @@ import os
 import threading
 from typing import Any
 
-from trainkit.checkpoint.blocks import BLOCK_BYTES, BlockWriter, BufferPool
+from trainkit.checkpoint.blocks import BLOCK_BYTES, BlockWriter, BufferPool, with_path
 from trainkit.checkpoint.errors import CheckpointNotWritableError
 
 __all__ = ["CheckpointRoot"]
@@ -84,6 +84,10 @@ class CheckpointRoot:
         try:
             os.write(fd, data)
             os.fsync(fd)
+        except OSError as error:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+            raise with_path(error, path) from None
         finally:
             os.close(fd)
         os.replace(temporary, path)
