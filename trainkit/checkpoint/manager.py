@@ -489,7 +489,8 @@ class CheckpointManager:
     def _already_committed(self, step: int) -> bool:
         """True when ``step`` is committed and verifies; a committed step that does not verify is
         uncommitted and removed here, so the save that follows replaces it."""
-        verdict = self._check_existing_step(step) if self.world.is_main else None
+        decides = self.world.is_main or not self._groups.distributed
+        verdict = self._check_existing_step(step) if decides else None
         verdict = self._groups.broadcast(verdict)
         if verdict not in {"committed", "absent"}:
             raise CheckpointSaveError(step, verdict)

@@ -202,21 +202,30 @@ class Restorer:
                     "with, or start a new checkpoint root",
                     [name],
                 )
+            # After a world change, state that was the same on every saved rank is simply restored.
+            uniform = not same_world and _same_on_every_rank(
+                [rank_state["entries"].get(name) for rank_state in rank_states]
+            )
             if isinstance(value, torch.Generator):
-                if same_world:
+                if same_world or uniform:
                     value.set_state(own["entries"][name])
                 elif self.world.is_main:
                     logger.warning(
-                        "trainkit: world size changed; generator %r is not restored", name
+                        "trainkit: world size changed (%d -> %d); generator %r differed between "
+                        "saved ranks and is not restored",
+                        record.world_size,
+                        self.world.world_size,
+                        name,
                     )
             elif not same_world and callable(getattr(value, "load_rank_state_dicts", None)):
                 value.load_rank_state_dicts(
                     [rank_state["entries"][name] for rank_state in rank_states]
                 )
             elif is_stateful(value):
-                if not same_world:
+                if not same_world and not uniform:
                     logger.warning(
-                        "trainkit: world size changed (%d -> %d); %r gets the state of saved rank %d",
+                        "trainkit: world size changed (%d -> %d); %r differed between saved ranks "
+                        "and gets the state of saved rank %d",
                         record.world_size,
                         self.world.world_size,
                         name,
@@ -226,7 +235,9 @@ class Restorer:
             else:
                 state[name] = own["entries"][name]
         if self.capture_rng and own.get("rng") is not None:
-            if same_world:
+            if same_world or _same_on_every_rank(
+                [rank_state.get("rng") for rank_state in rank_states]
+            ):
                 restore_rng_state(own["rng"])
             elif self.world.is_main:
                 logger.warning(
@@ -284,3 +295,32 @@ class Restorer:
                 for rank in range(record.world_size)
             ]
         return [states[rank] for rank in range(record.world_size)]
+
+
+def _same_on_every_rank(values: list[Any]) -> bool:
+    return all(_same_state(values[0], other) for other in values[1:])
+
+
+def _same_state(first: Any, other: Any) -> bool:
+    """Deep equality for the plain data and tensors that per-rank files hold."""
+    import torch
+
+    if isinstance(first, torch.Tensor) or isinstance(other, torch.Tensor):
+        return (
+            isinstance(first, torch.Tensor)
+            and isinstance(other, torch.Tensor)
+            and first.dtype == other.dtype
+            and first.shape == other.shape
+            and bool(torch.equal(first, other))
+        )
+    if isinstance(first, dict) and isinstance(other, dict):
+        return first.keys() == other.keys() and all(
+            _same_state(first[key], other[key]) for key in first
+        )
+    if isinstance(first, list | tuple) and isinstance(other, list | tuple):
+        return (
+            type(first) is type(other)
+            and len(first) == len(other)
+            and all(_same_state(a, b) for a, b in zip(first, other, strict=True))
+        )
+    return type(first) is type(other) and first == other
