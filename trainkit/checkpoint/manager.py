@@ -14,25 +14,18 @@ import threading
 import time
 import warnings
 from collections.abc import Iterable, MutableMapping
-from dataclasses import dataclass
 from typing import Any
 
-from trainkit.checkpoint.blocks import BufferPool, FileInfo, write_file
+from trainkit.checkpoint.blocks import BufferPool
 from trainkit.checkpoint.commit import (
     COMMIT_NAME,
-    CommitRecord,
     classify_steps,
     scan_steps,
     step_dir_name,
-    verify_step,
-    write_commit,
 )
 from trainkit.checkpoint.errors import (
     CheckpointError,
     CheckpointSaveError,
-    CorruptCheckpointError,
-    UnsupportedCheckpointError,
-    describe_failure,
 )
 from trainkit.checkpoint.groups import CheckpointGroups
 from trainkit.checkpoint.layout import rank_file_name, serialize_rank_state, split_state
@@ -40,6 +33,7 @@ from trainkit.checkpoint.restore import Restorer
 from trainkit.checkpoint.retention import plan_retention
 from trainkit.checkpoint.root import CheckpointRoot
 from trainkit.checkpoint.staging import HostStaging
+from trainkit.checkpoint.writer import AbandonedSave, Snapshot, StepWriter
 from trainkit.preemption import (
     EXIT_PREEMPTED,
     GRACE_PERIOD_VARIABLE,
@@ -52,33 +46,6 @@ from trainkit.preemption import (
 __all__ = ["GRACE_PERIOD_VARIABLE", "CheckpointManager", "exit_preempted", "rank_file_name"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class _Snapshot:
-    step: int
-    global_state: dict[str, Any]
-    rank_bytes: bytes
-    started: float
-    blocking_s: float = 0.0
-    cancel: threading.Event | None = None  # set to abandon a background save
-
-
-def _checkpoint_exception() -> type[BaseException]:
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    return CheckpointException
-
-
-def _rank_failure(rank: int, error: BaseException) -> str:
-    """One line for a failed write; DCP's own exception already names every failed rank."""
-    if isinstance(getattr(error, "failures", None), dict):
-        return describe_failure(error)
-    return f"rank {rank}: {describe_failure(error)}"
-
-
-class _Abandoned(Exception):
-    """The in-flight save was given up to leave the grace period to the preemption save."""
 
 
 class CheckpointManager:
@@ -143,6 +110,13 @@ class CheckpointManager:
         # read-only) volume must still be able to restore its intact checkpoint.
         self._checked_writable = False
         self._pool = BufferPool()
+        self._writer = StepWriter(
+            self.store,
+            world=self.world,
+            groups=self._groups,
+            pool=self._pool,
+            on_commit=self._start_retention,
+        )
         self._restorer = Restorer(
             self.store,
             world=self.world,
@@ -153,7 +127,7 @@ class CheckpointManager:
         self._staging = HostStaging()
         self._thread: threading.Thread | None = None
         self._retention: threading.Thread | None = None
-        self._in_flight: _Snapshot | None = None
+        self._in_flight: Snapshot | None = None
         self._error: BaseException | None = None
         self._should_stop = False
         self._last_save_s: float | None = None
@@ -297,7 +271,7 @@ class CheckpointManager:
         self._thread = None
         self._in_flight = None
         error, self._error = self._error, None
-        if error is not None and not isinstance(error, _Abandoned):
+        if error is not None and not isinstance(error, AbandonedSave):
             # Not lost: reported here, and the preemption save that follows supersedes that step.
             logger.error(
                 "trainkit: the in-flight save failed before the preemption save: %s", error
@@ -311,7 +285,7 @@ class CheckpointManager:
 
     def _capture(
         self, step: int, state: MutableMapping[str, Any], *, copy_tensors: bool, started: float
-    ) -> _Snapshot:
+    ) -> Snapshot:
         from trainkit.checkpoint.rank_state import capture_rng_state
 
         global_state, entries, _ = split_state(state, per_rank=True)
@@ -324,114 +298,27 @@ class CheckpointManager:
             "entries": entries,
             "rng": capture_rng_state() if self.capture_rng else None,
         }
-        return _Snapshot(step, global_state, serialize_rank_state(rank_payload, step), started)
+        return Snapshot(step, global_state, serialize_rank_state(rank_payload, step), started)
 
     # ----- persist ----------------------------------------------------------------------------
 
-    def _persist_in_background(self, snapshot: _Snapshot) -> None:
+    def _persist_in_background(self, snapshot: Snapshot) -> None:
         try:
             self._persist(snapshot)
         except BaseException as error:
             self._error = error
 
-    def _persist(self, snapshot: _Snapshot) -> None:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint import DefaultSavePlanner
+    def _persist(self, snapshot: Snapshot) -> None:
+        self._writer.write(snapshot)
+        self._after_commit(snapshot.step, snapshot.blocking_s, time.monotonic() - snapshot.started)
 
-        from trainkit.checkpoint.dcp_storage import TrainkitStorageWriter
-
-        step = snapshot.step
-        cancel = snapshot.cancel or threading.Event()
-        step_dir = self.store.join(step_dir_name(step))
-        files: dict[str, FileInfo] = {}
-        failure: str | None = None
-        try:
-            self.store.makedirs(step_dir)
-        except Exception as error:
-            failure = (
-                f"rank {self.world.rank}: cannot create {step_dir}: {type(error).__name__}: {error}"
-            )
-        try:
-            # Entered even after a failure above: DCP's collectives then fail on every rank together.
-            writer = TrainkitStorageWriter(self.store, step_dir, self._pool, cancel)
-            dcp.save(
-                snapshot.global_state,
-                storage_writer=writer,
-                planner=DefaultSavePlanner(),
-                process_group=self._groups.save_group,
-                no_dist=not self._groups.distributed,
-            )
-            files.update(writer.files)
-            if failure is None:
-                name = rank_file_name(self.world.rank)
-                files[name] = write_file(
-                    self.store, f"{step_dir}/{name}", [snapshot.rank_bytes], self._pool
-                )
-                self.store.fsync_dir(step_dir)
-        except (Exception, _checkpoint_exception()) as error:  # DCP's is a BaseException
-            if not cancel.is_set():
-                logger.error(
-                    "trainkit: writing step %d failed on rank %d: %s",
-                    step,
-                    self.world.rank,
-                    describe_failure(error),
-                )
-            failure = failure or _rank_failure(self.world.rank, error)
-        if cancel.is_set():
-            failure = "abandoned"
-        # Every rank reports; rank 0 commits only if all files of all ranks are durable.
-        reports = self._groups.gather((files, failure))
-        outcome: str | None = None
-        if self.world.is_main:
-            # DCP reports every rank's error on every rank: list each once.
-            problems = list(dict.fromkeys(problem for _files, problem in reports if problem))
-            if problems:
-                outcome = "; ".join(problems)
-            else:
-                merged: dict[str, FileInfo] = {}
-                for rank_files, _ in reports:
-                    merged.update(rank_files)
-                outcome = self._commit(step, step_dir, merged)
-        outcome = self._groups.broadcast(outcome, background=True)
-        if outcome:
-            self._remove_partial_step(step, step_dir)
-        if outcome and cancel.is_set():
-            raise _Abandoned()
-        if outcome:
-            raise CheckpointSaveError(
-                step, f"checkpoint step {step} under {self.store.url} was not committed: {outcome}"
-            )
-        total_s = time.monotonic() - snapshot.started
-        self._after_commit(step, snapshot.blocking_s, total_s)
-
-    def _remove_partial_step(self, step: int, step_dir: str) -> None:
-        """Delete an uncommitted step's files now: after a full disk, waiting for the next commit
-        to clean them would keep the volume full and fail every later save too."""
-        try:
-            self.store.remove_tree(step_dir)
-        except OSError as error:  # another rank may be removing the same shared directory
-            logger.warning("trainkit: removing uncommitted step %d failed: %s", step, error)
-
-    def _commit(self, step: int, step_dir: str, files: dict[str, FileInfo]) -> str | None:
-        try:
-            record = CommitRecord(
-                step=step,
-                world_size=self.world.world_size,
-                files=files,
-                created_unix_s=time.time(),
-                versions=_versions(),
-            )
-            write_commit(self.store, step_dir, record)
-        except Exception as error:
-            logger.exception("trainkit: committing step %d failed", step)
-            return f"commit record: {type(error).__name__}: {error}"
+    def _start_retention(self, step: int) -> None:
         # Deleting old steps (large unlinks) need not delay the save: it runs beside training.
         self._join_retention()
         self._retention = threading.Thread(
             target=self._apply_retention, args=(step,), name="trainkit-ckpt-retention", daemon=True
         )
         self._retention.start()
-        return None
 
     def _join_retention(self) -> None:
         if self._retention is not None:
@@ -490,47 +377,18 @@ class CheckpointManager:
         """True when ``step`` is committed and verifies; a committed step that does not verify is
         uncommitted and removed here, so the save that follows replaces it."""
         decides = self.world.is_main or not self._groups.distributed
-        verdict = self._check_existing_step(step) if decides else None
+        verdict = self._writer.existing_step_verdict(step) if decides else None
         verdict = self._groups.broadcast(verdict)
         if verdict not in {"committed", "absent"}:
             raise CheckpointSaveError(step, verdict)
         return verdict == "committed"
 
-    def _check_existing_step(self, step: int) -> str:
-        step_dir = self.store.join(step_dir_name(step))
-        if not self.store.exists(f"{step_dir}/{COMMIT_NAME}"):
-            return "absent"
-        try:
-            verify_step(self.store, step, self._pool)
-        except UnsupportedCheckpointError as error:
-            return (
-                f"checkpoint step {step} already exists in a format this trainkit does not "
-                f"understand ({error}); not replacing it - upgrade trainkit or use another root"
-            )
-        except CorruptCheckpointError as error:
-            logger.warning(
-                "trainkit: committed step %d does not verify (%s); replacing it", step, error
-            )
-            # Drop the record first: a half-deleted step is then uncommitted, never corrupt-looking.
-            self.store.remove_tree(f"{step_dir}/{COMMIT_NAME}")
-            self.store.remove_tree(step_dir)
-            return "absent"
-        return "committed"
-
     def _raise_background_error(self) -> None:
         error, self._error = self._error, None
-        if error is None or isinstance(error, _Abandoned):
+        if error is None or isinstance(error, AbandonedSave):
             return
         if isinstance(error, CheckpointError):
             raise error
         raise CheckpointSaveError(
             -1, f"background checkpoint save failed: {type(error).__name__}: {error}"
         ) from error
-
-
-def _versions() -> dict[str, str]:
-    import torch
-
-    from trainkit import __version__
-
-    return {"trainkit": __version__, "torch": torch.__version__}
