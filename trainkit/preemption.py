@@ -1,6 +1,9 @@
 """The preemption contract between workers and trainkit-run: the signal flag and its watchdog, the
 agreed stop, ``exit_preempted()``, the exit record a worker leaves, and how the launcher decides
 its own exit code from those records. Nothing here saves a checkpoint or imports torch at import.
+
+One part lives elsewhere because ``shards`` may not import trainkit: ``shards.ShardedLoader``'s
+DataLoader workers ignore SIGTERM so the agreed save is not interrupted by their death.
 """
 
 from __future__ import annotations
