@@ -11,9 +11,9 @@ import json
 import time
 from typing import Any
 
-from trainkit.checkpoint.blocks import BufferPool, verify_file
-from trainkit.checkpoint.commit import read_commit, scan_steps, step_dir_name
-from trainkit.checkpoint.errors import CorruptCheckpointError
+from trainkit.checkpoint.blocks import BufferPool
+from trainkit.checkpoint.commit import read_commit, scan_steps, step_dir_name, verify_step
+from trainkit.checkpoint.errors import CorruptCheckpointError, UnsupportedCheckpointError
 from trainkit.checkpoint.root import CheckpointRoot
 
 __all__ = ["list_checkpoints", "register", "verify_checkpoints"]
@@ -70,6 +70,8 @@ def list_checkpoints(store: CheckpointRoot) -> list[dict[str, Any]]:
                 record = read_commit(store, store.join(step_dir_name(step)), step)
             except CorruptCheckpointError as error:
                 row.update(status="corrupt-record", detail=str(error))
+            except UnsupportedCheckpointError as error:
+                row.update(status="unsupported-format", detail=str(error))
             else:
                 row.update(
                     status="committed",
@@ -89,18 +91,10 @@ def verify_checkpoints(store: CheckpointRoot, step: int | None = None) -> list[d
     pool = BufferPool(num_buffers=2)
     results = []
     for current in steps:
-        step_dir = store.join(step_dir_name(current))
         try:
-            record = read_commit(store, step_dir, current)
-            for name in sorted(record.files):
-                path = f"{step_dir}/{name}"
-                if not store.exists(path):
-                    raise CorruptCheckpointError(
-                        current, f"{store.display(path)}: listed in the commit record but missing"
-                    )
-                verify_file(store, path, record.files[name], pool, step=current)
+            record = verify_step(store, current, pool)
             results.append({"step": current, "ok": True, "bytes": record.total_bytes})
-        except CorruptCheckpointError as error:
+        except (CorruptCheckpointError, UnsupportedCheckpointError) as error:
             results.append({"step": current, "ok": False, "problem": str(error)})
     return results
 
