@@ -17,12 +17,15 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from trainkit.exit_codes import (
+from trainkit.preemption import (
     EXIT_PREEMPTED,
     EXIT_STATUS_DIR_VARIABLE,
     GRACE_PERIOD_VARIABLE,
-    RESERVED_EXIT_CODES,
+    ExitRecord,
     describe_exit_code,
+    launcher_exit_code,
+    preemption_agreed,
+    read_exit_records,
     read_grace_period_s,
 )
 
@@ -142,35 +145,25 @@ def apply_trainkit_defaults(
     return notes
 
 
-def resolve_exit_code(exit_codes: Mapping[int, int], first_rank: int) -> int:
-    """The launcher's exit code from the failed workers' codes (global rank -> code).
-
-    EXIT_PREEMPTED when every failed worker exited with it; the first failure's own code when
-    trainkit reserves it; 1 otherwise.
-    """
-    if set(exit_codes.values()) == {EXIT_PREEMPTED}:
-        return EXIT_PREEMPTED
-    first = exit_codes[first_rank]
-    return first if first in RESERVED_EXIT_CODES else 1
-
-
-def _workers_exit_codes(status_dir: Path) -> dict[int, int]:
-    codes: dict[int, int] = {}
-    for path in status_dir.glob("rank-*"):
-        try:
-            codes[int(path.name.removeprefix("rank-"))] = int(path.read_text().strip())
-        except (OSError, ValueError):
-            continue
-    return codes
+def resolve_exit_code(
+    exit_codes: Mapping[int, int],
+    first_rank: int,
+    records: Mapping[int, ExitRecord] | None = None,
+) -> int:
+    """The launcher's exit code from the failed workers' codes (global rank -> code) and the exit
+    records they left: EXIT_PREEMPTED only for an agreed, committed preemption; 1 otherwise."""
+    return launcher_exit_code(exit_codes, first_rank, records or {})
 
 
 def _exit_after_signal(sigval: int, status_dir: Path, num_local_workers: int) -> int:
-    """After a signal: EXIT_PREEMPTED when every local worker reported a committed preemption save."""
-    codes = _workers_exit_codes(status_dir)
-    if len(codes) >= num_local_workers and set(codes.values()) == {EXIT_PREEMPTED}:
+    """After a signal: EXIT_PREEMPTED when every local worker recorded the same committed
+    preemption step."""
+    records = read_exit_records(status_dir)
+    if len(records) >= num_local_workers and preemption_agreed(records, records):
+        step = next(iter(records.values())).step
         print(
-            f"trainkit-run: got {signal.Signals(sigval).name}; all {len(codes)} workers saved an agreed "
-            f"checkpoint and exited {EXIT_PREEMPTED} (preempted)",
+            f"trainkit-run: got {signal.Signals(sigval).name}; all {len(records)} workers saved the "
+            f"agreed checkpoint of step {step} and exited {EXIT_PREEMPTED} (preempted)",
             file=sys.stderr,
             flush=True,
         )
@@ -185,7 +178,11 @@ def _summarise_failure(error: BaseException) -> int:
     failures = error.failures  # type: ignore[attr-defined]
     # torch's pick: earliest timestamp, ties broken by the order in which the agent saw them.
     rank, first = error.get_first_failure()  # type: ignore[attr-defined]
-    code = resolve_exit_code({r: failure.exitcode for r, failure in failures.items()}, rank)
+    # run() exported the exit-status directory before starting the workers.
+    records = read_exit_records(Path(os.environ[EXIT_STATUS_DIR_VARIABLE]))
+    code = resolve_exit_code(
+        {r: failure.exitcode for r, failure in failures.items()}, rank, records
+    )
     error_file = first.error_file  # type: ignore[attr-defined]
     if os.path.isfile(error_file):
         # Like torchrun's @record: copy the root cause into this launcher's own error file.

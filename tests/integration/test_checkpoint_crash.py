@@ -27,7 +27,7 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:torch.distributed is disabled"),
 ]
 
-WRITER = Path(__file__).parents[1] / "checkpoint" / "scripts" / "crash_writer.py"
+WRITER = Path(__file__).parents[1] / "trainkit" / "checkpoint" / "scripts" / "crash_writer.py"
 NUM_TENSORS = 8
 
 

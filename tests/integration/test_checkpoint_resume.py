@@ -18,7 +18,7 @@ from trainkit.exit_codes import EXIT_PREEMPTED
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
-WORKER = Path(__file__).parents[1] / "checkpoint" / "scripts" / "ckpt_train.py"
+WORKER = Path(__file__).parents[1] / "trainkit" / "checkpoint" / "scripts" / "ckpt_train.py"
 TRAINKIT_RUN = [sys.executable, "-m", "launchers.run"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 

@@ -86,9 +86,11 @@ def test_commit_semantics_on_s3(s3_server: S3Server) -> None:
 def test_unwritable_bucket_is_a_clear_error(s3_server: S3Server) -> None:
     from trainkit.checkpoint import CheckpointNotWritableError
 
+    # Writability is checked at the first save: restoring needs no write access.
+    ckpt = CheckpointManager(
+        "s3://no-such-bucket-tk/x", storage_options=s3_server.storage_options, signals=None
+    )
     with pytest.raises(
         CheckpointNotWritableError, match=r"s3://no-such-bucket-tk/x is not writable"
     ):
-        CheckpointManager(
-            "s3://no-such-bucket-tk/x", storage_options=s3_server.storage_options, signals=None
-        )
+        ckpt.save(1, {"extras": {"step": 1}})

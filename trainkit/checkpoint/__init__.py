@@ -8,6 +8,7 @@ from trainkit.checkpoint.errors import (
     CheckpointNotWritableError,
     CheckpointSaveError,
     CorruptCheckpointError,
+    UnsupportedCheckpointError,
 )
 from trainkit.checkpoint.manager import GRACE_PERIOD_VARIABLE, CheckpointManager, exit_preempted
 from trainkit.exit_codes import EXIT_PREEMPTED
@@ -21,5 +22,6 @@ __all__ = [
     "CheckpointNotWritableError",
     "CheckpointSaveError",
     "CorruptCheckpointError",
+    "UnsupportedCheckpointError",
     "exit_preempted",
 ]

@@ -11,9 +11,10 @@ import json
 import time
 from typing import Any
 
-from trainkit.checkpoint.commit import read_commit, scan_steps, step_dir_name
-from trainkit.checkpoint.errors import CorruptCheckpointError
-from trainkit.checkpoint.store import BufferPool, Store, verify_file
+from trainkit.checkpoint.blocks import BufferPool
+from trainkit.checkpoint.commit import read_commit, scan_steps, step_dir_name, verify_step
+from trainkit.checkpoint.errors import CorruptCheckpointError, UnsupportedCheckpointError
+from trainkit.checkpoint.root import CheckpointRoot
 
 __all__ = ["list_checkpoints", "register", "verify_checkpoints"]
 
@@ -41,17 +42,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         parser.set_defaults(func=func)
 
 
-def _store(args: argparse.Namespace) -> Store:
+def _store(args: argparse.Namespace) -> CheckpointRoot:
     try:
         options = json.loads(args.storage_options)
     except json.JSONDecodeError as error:
         raise SystemExit(
             f"--storage-options {args.storage_options!r} is not JSON: {error}"
         ) from None
-    return Store(args.root, options)
+    return CheckpointRoot(args.root, options)
 
 
-def list_checkpoints(store: Store) -> list[dict[str, Any]]:
+def list_checkpoints(store: CheckpointRoot) -> list[dict[str, Any]]:
     """One row per step directory, ascending: step, status, world size, bytes, files, age."""
     committed, partial = scan_steps(store)
     rows: list[dict[str, Any]] = []
@@ -69,6 +70,8 @@ def list_checkpoints(store: Store) -> list[dict[str, Any]]:
                 record = read_commit(store, store.join(step_dir_name(step)), step)
             except CorruptCheckpointError as error:
                 row.update(status="corrupt-record", detail=str(error))
+            except UnsupportedCheckpointError as error:
+                row.update(status="unsupported-format", detail=str(error))
             else:
                 row.update(
                     status="committed",
@@ -81,25 +84,17 @@ def list_checkpoints(store: Store) -> list[dict[str, Any]]:
     return rows
 
 
-def verify_checkpoints(store: Store, step: int | None = None) -> list[dict[str, Any]]:
+def verify_checkpoints(store: CheckpointRoot, step: int | None = None) -> list[dict[str, Any]]:
     """Check every committed step (or one): ``ok`` or the first problem found, per step."""
     committed, _ = scan_steps(store)
     steps = committed if step is None else [step]
     pool = BufferPool(num_buffers=2)
     results = []
     for current in steps:
-        step_dir = store.join(step_dir_name(current))
         try:
-            record = read_commit(store, step_dir, current)
-            for name in sorted(record.files):
-                path = f"{step_dir}/{name}"
-                if not store.exists(path):
-                    raise CorruptCheckpointError(
-                        current, f"{store.display(path)}: listed in the commit record but missing"
-                    )
-                verify_file(store, path, record.files[name], pool, step=current)
+            record = verify_step(store, current, pool)
             results.append({"step": current, "ok": True, "bytes": record.total_bytes})
-        except CorruptCheckpointError as error:
+        except (CorruptCheckpointError, UnsupportedCheckpointError) as error:
             results.append({"step": current, "ok": False, "problem": str(error)})
     return results
 

@@ -12,22 +12,31 @@ import re
 import zlib
 from dataclasses import dataclass, field
 
-from trainkit.checkpoint.errors import CorruptCheckpointError
-from trainkit.checkpoint.store import FileInfo, Store
+from trainkit.checkpoint.blocks import BufferPool, FileInfo, verify_file
+from trainkit.checkpoint.errors import CorruptCheckpointError, UnsupportedCheckpointError
+from trainkit.checkpoint.metadata import is_plain_file_name
+from trainkit.checkpoint.root import CheckpointRoot
 
 __all__ = [
     "COMMIT_NAME",
     "FORMAT_VERSION",
+    "PICKLED_METADATA_FORMAT_VERSION",
     "CommitRecord",
+    "check_sizes",
+    "classify_steps",
     "parse_step_dir",
     "read_commit",
     "scan_steps",
     "step_dir_name",
+    "verify_step",
     "write_commit",
 ]
 
 COMMIT_NAME = "COMMIT.json"
-FORMAT_VERSION = 1
+#: 2: DCP metadata is JSON. 1: it was a pickle, which restore refuses (unpickling can run code).
+FORMAT_VERSION = 2
+PICKLED_METADATA_FORMAT_VERSION = 1
+_READABLE_FORMAT_VERSIONS = {PICKLED_METADATA_FORMAT_VERSION, FORMAT_VERSION}
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -78,10 +87,12 @@ class CommitRecord:
             canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
             if zlib.crc32(canonical.encode()) != outer["record_crc32"]:
                 raise ValueError(f"record checksum mismatch (stored {outer['record_crc32']})")
-            if body["format_version"] != FORMAT_VERSION:
-                raise ValueError(
-                    f"format_version {body['format_version']} is not {FORMAT_VERSION} (written by "
-                    f"trainkit {body.get('versions', {}).get('trainkit', '?')}; upgrade trainkit)"
+            if body["format_version"] not in _READABLE_FORMAT_VERSIONS:
+                raise UnsupportedCheckpointError(
+                    step,
+                    f"{where}: format_version {body['format_version']} is not {FORMAT_VERSION} "
+                    f"(written by trainkit {body.get('versions', {}).get('trainkit', '?')}); "
+                    "upgrade trainkit to read it",
                 )
             record = cls(
                 step=int(body["step"]),
@@ -89,11 +100,19 @@ class CommitRecord:
                 files={name: FileInfo.from_dict(info) for name, info in body["files"].items()},
                 created_unix_s=float(body["created_unix_s"]),
                 versions=dict(body.get("versions", {})),
+                format_version=int(body["format_version"]),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise CorruptCheckpointError(
                 step, f"{where}: unreadable commit record ({error}); the step is ignored"
             ) from None
+        escaping = sorted(name for name in record.files if not is_plain_file_name(name))
+        if escaping:
+            raise CorruptCheckpointError(
+                step,
+                f"{where}: the record lists {escaping[0]!r}, a path outside the step directory; "
+                "refused (the record was not written by trainkit)",
+            )
         if step is not None and record.step != step:
             raise CorruptCheckpointError(
                 step,
@@ -102,12 +121,12 @@ class CommitRecord:
         return record
 
 
-def write_commit(store: Store, step_dir: str, record: CommitRecord) -> None:
+def write_commit(store: CheckpointRoot, step_dir: str, record: CommitRecord) -> None:
     """Publish ``record``: from here on the step is visible to ``restore``."""
     store.write_atomic(f"{step_dir}/{COMMIT_NAME}", record.encode())
 
 
-def read_commit(store: Store, step_dir: str, step: int) -> CommitRecord:
+def read_commit(store: CheckpointRoot, step_dir: str, step: int) -> CommitRecord:
     path = f"{step_dir}/{COMMIT_NAME}"
     try:
         data = store.read_bytes(path)
@@ -116,7 +135,54 @@ def read_commit(store: Store, step_dir: str, step: int) -> CommitRecord:
     return CommitRecord.decode(data, where=store.display(path), step=step)
 
 
-def scan_steps(store: Store) -> tuple[list[int], list[int]]:
+def check_sizes(store: CheckpointRoot, step_dir: str, record: CommitRecord, step: int) -> None:
+    """Every file the record lists exists with its recorded size (cheap: no data is read)."""
+    for name, info in record.files.items():
+        path = f"{step_dir}/{name}"
+        try:
+            actual = store.size(path)
+        except FileNotFoundError:
+            raise CorruptCheckpointError(
+                step, f"{store.display(path)}: listed in the commit record but missing"
+            ) from None
+        if actual != info.size:
+            raise CorruptCheckpointError(
+                step,
+                f"{store.display(path)}: {actual} bytes, the commit record says {info.size}",
+            )
+
+
+def verify_step(store: CheckpointRoot, step: int, pool: BufferPool) -> CommitRecord:
+    """Read the record and every byte it lists, checking sizes and block checksums."""
+    step_dir = store.join(step_dir_name(step))
+    record = read_commit(store, step_dir, step)
+    check_sizes(store, step_dir, record, step)
+    for name, info in sorted(record.files.items()):
+        verify_file(store, f"{step_dir}/{name}", info, pool, step=step)
+    return record
+
+
+def classify_steps(store: CheckpointRoot) -> tuple[list[int], list[int], list[int]]:
+    """(committed, partial, not understood) steps, each ascending.
+
+    Committed: the record parses, self-checks and every file it lists has its size. Partial: no
+    record. Not understood: a record that is damaged or of another format version; nothing may
+    count or delete those (a newer trainkit may have written them before a rollback).
+    """
+    committed, partial = scan_steps(store)
+    understood, unknown = [], []
+    for step in committed:
+        step_dir = store.join(step_dir_name(step))
+        try:
+            check_sizes(store, step_dir, read_commit(store, step_dir, step), step)
+        except (CorruptCheckpointError, UnsupportedCheckpointError):
+            unknown.append(step)
+            continue
+        understood.append(step)
+    return understood, partial, unknown
+
+
+def scan_steps(store: CheckpointRoot) -> tuple[list[int], list[int]]:
     """(committed steps, partial steps) under the root, each ascending; committed = has a record."""
     committed, partial = [], []
     for name in store.list_names():

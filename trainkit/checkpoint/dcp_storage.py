@@ -1,8 +1,8 @@
-"""DCP storage for trainkit: raw tensor bytes in large checksummed blocks, metadata without pickle risk.
+"""DCP storage for trainkit: raw tensor bytes in large checksummed blocks, metadata as JSON.
 
 torch.distributed.checkpoint plans what each rank writes and reads (de-duplication, resharding);
-these classes only move bytes. Metadata is unpickled with an allow-list, and non-tensor values are
-loaded with ``torch.load(weights_only=True)``: a checkpoint never runs code.
+these classes only move bytes. Metadata is JSON (never a pickle), and non-tensor values are loaded
+with ``torch.load(weights_only=True)``: a checkpoint never runs code.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import io
 import pickle
 import threading
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,8 +30,10 @@ from torch.distributed.checkpoint.planner import LoadItemType, ReadItem, WriteIt
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
+from trainkit.checkpoint.blocks import BufferPool, FileInfo, read_file_ranges
 from trainkit.checkpoint.errors import CorruptCheckpointError
-from trainkit.checkpoint.store import BufferPool, FileInfo, Store, read_file_ranges
+from trainkit.checkpoint.metadata import RawItem, decode_metadata, encode_metadata
+from trainkit.checkpoint.root import CheckpointRoot
 
 __all__ = [
     "METADATA_NAME",
@@ -45,17 +46,6 @@ __all__ = [
 ]
 
 METADATA_NAME = ".metadata"
-
-
-@dataclass(frozen=True)
-class RawItem:
-    """Where one saved item lives: file, byte range, and for tensors the chunk's dtype and shape."""
-
-    relative_path: str
-    offset: int
-    length: int
-    dtype: str | None = None
-    shape: tuple[int, ...] | None = None
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -76,7 +66,11 @@ class TrainkitStorageWriter(StorageWriter):
     """One ``__<rank>_0.distcp`` file per rank, streamed as raw bytes; rank 0 adds ``.metadata``."""
 
     def __init__(
-        self, store: Store, step_dir: str, pool: BufferPool, cancel: threading.Event | None = None
+        self,
+        store: CheckpointRoot,
+        step_dir: str,
+        pool: BufferPool,
+        cancel: threading.Event | None = None,
     ) -> None:
         super().__init__()
         self.cancel = cancel
@@ -144,7 +138,7 @@ class TrainkitStorageWriter(StorageWriter):
         metadata.storage_meta = self.storage_meta()
         writer = self.store.open_writer(f"{self.step_dir}/{METADATA_NAME}", self.pool)
         try:
-            writer.write(pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL))
+            writer.write(encode_metadata(metadata))
         except BaseException:
             writer.abort()
             raise
@@ -158,50 +152,15 @@ class TrainkitStorageWriter(StorageWriter):
         return True
 
 
-# Everything DCP's Metadata pickle may legitimately reference; anything else is refused.
-_ALLOWED_MODULE_PREFIXES = ("torch.distributed.checkpoint.",)
-_ALLOWED_GLOBALS = {
-    ("trainkit.checkpoint.dcp_storage", "RawItem"),
-    ("torch.serialization", "_get_layout"),
-    ("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"),
-    ("torch", "Size"),
-    ("collections", "OrderedDict"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-    ("builtins", "slice"),
-    ("builtins", "getattr"),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED_GLOBALS or (
-            module.startswith(_ALLOWED_MODULE_PREFIXES) and name[:1].isupper()
-        ):
-            return super().find_class(module, name)
-        if module == "torch":
-            value = getattr(torch, name, None)
-            if isinstance(value, torch.dtype | torch.layout | torch.memory_format):
-                return value
-        raise pickle.UnpicklingError(
-            f"global {module}.{name} is not allowed in checkpoint metadata"
-        )
-
-
 def load_metadata(data: bytes, *, where: str, step: int) -> Metadata:
-    """Unpickle DCP metadata with an allow-list of DCP's own classes, dtypes and ``RawItem``."""
+    """DCP metadata from the JSON that ``TrainkitStorageWriter`` wrote; never unpickles."""
     try:
-        metadata = _MetadataUnpickler(io.BytesIO(data)).load()
-    except Exception as error:
+        return decode_metadata(data, checkpoint_id=where.rsplit("/", 1)[0])
+    except ValueError as error:
         raise CorruptCheckpointError(
             step,
-            f"{where}: metadata refused ({error}); it was not written by trainkit or is damaged",
+            f"{where}: metadata refused ({error}); it was not written by this trainkit or is damaged",
         ) from None
-    if not isinstance(metadata, Metadata):
-        raise CorruptCheckpointError(
-            step, f"{where}: metadata holds a {type(metadata).__name__}, not DCP Metadata"
-        )
-    return metadata
 
 
 class TrainkitStorageReader(StorageReader):
@@ -209,7 +168,7 @@ class TrainkitStorageReader(StorageReader):
 
     def __init__(
         self,
-        store: Store,
+        store: CheckpointRoot,
         step_dir: str,
         files: dict[str, FileInfo],
         pool: BufferPool,

@@ -13,13 +13,32 @@ __all__ = [
     "CheckpointNotWritableError",
     "CheckpointSaveError",
     "CorruptCheckpointError",
+    "UnsupportedCheckpointError",
     "describe_failure",
     "find_corruption",
 ]
 
 
 class CheckpointError(Exception):
-    """Base class of every checkpoint error."""
+    """Base class of every checkpoint error.
+
+    Errors cross process boundaries: DCP gathers a rank's read error to every rank by pickling it.
+    The default ``Exception`` pickling calls ``cls(*args)``, which breaks for subclasses whose
+    constructor takes more than the message, so every subclass is rebuilt from its message and
+    attributes instead.
+    """
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_error, (type(self), self.args, dict(self.__dict__)))
+
+
+def _rebuild_error(
+    cls: type[CheckpointError], args: tuple[Any, ...], attributes: dict[str, Any]
+) -> CheckpointError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(attributes)
+    return error
 
 
 class CheckpointNotWritableError(CheckpointError):
@@ -28,6 +47,14 @@ class CheckpointNotWritableError(CheckpointError):
 
 class CorruptCheckpointError(CheckpointError):
     """A committed step's record or files do not verify (size, checksum, unreadable record)."""
+
+    def __init__(self, step: int | None, message: str) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+class UnsupportedCheckpointError(CheckpointError):
+    """A committed step in a format this trainkit refuses to read (pickled metadata of format 1)."""
 
     def __init__(self, step: int | None, message: str) -> None:
         super().__init__(message)

@@ -10,7 +10,19 @@ from typing import Any
 
 from trainkit.checkpoint.errors import CheckpointMismatchError
 
-__all__ = ["check_keys", "is_stateful", "model_of", "serialize_rank_state", "split_state"]
+__all__ = [
+    "check_keys",
+    "is_stateful",
+    "model_of",
+    "rank_file_name",
+    "serialize_rank_state",
+    "split_state",
+]
+
+
+def rank_file_name(rank: int) -> str:
+    """The per-rank state file of ``rank`` inside a step directory."""
+    return f"rank_{rank:05d}.pt"
 
 
 def is_stateful(value: Any) -> bool:

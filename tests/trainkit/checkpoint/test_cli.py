@@ -58,3 +58,18 @@ def test_list_and_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert run_cli(["ckpt", "verify", str(tmp_path), "--step", "3"]) == 1
     assert "no commit record" in capsys.readouterr().out
     torch.manual_seed(0)
+
+
+def test_a_step_of_a_newer_format_is_listed_as_unsupported(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.trainkit.checkpoint.states import make_state, manager, rewrite_commit
+
+    with manager(tmp_path, async_save=False) as ckpt:
+        ckpt.save(1, make_state())
+    rewrite_commit(tmp_path / step_dir_name(1), lambda record: record.update(format_version=99))
+    assert run_cli(["ckpt", "list", str(tmp_path), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(row["step"], row["status"]) for row in rows] == [(1, "unsupported-format")]
+    assert run_cli(["ckpt", "verify", str(tmp_path)]) == 1
+    assert "format_version 99" in capsys.readouterr().out
