@@ -48,6 +48,10 @@ class RDMARequiredError(CommsPlanError):
             + f". Run `trainkit doctor` for the full report, or unset {REQUIRE_RDMA_VARIABLE} to accept TCP."
         )
 
+    def __reduce__(self) -> tuple[type[RDMARequiredError], tuple[Plan]]:
+        # Errors cross process boundaries pickled (torch gathers worker errors); rebuild from the plan.
+        return (type(self), (self.plan,))
+
 
 def compute_plan(env: MutableMapping[str, str] | None = None, **paths: object) -> Plan:
     """The plan for this pod (or the tree under ``root=``) without changing ``env``."""

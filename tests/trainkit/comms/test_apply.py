@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import socket
 
 import pytest
@@ -54,6 +55,8 @@ def test_require_rdma_raises_a_value_error_and_leaves_env_alone() -> None:
     )
     assert env == {"TRAINKIT_REQUIRE_RDMA": "1"}
     assert raised.value.plan.transport == "tcp"
+    copy = pickle.loads(pickle.dumps(raised.value))  # as torch gathers a worker's error
+    assert type(copy) is RDMARequiredError and str(copy) == message
     # Accepted when RDMA is fine.
     apply_plan({"TRAINKIT_REQUIRE_RDMA": "1"}, **load_machine("dgx-h100-ib8").paths)
 
