@@ -185,10 +185,7 @@ def run_trainkit(
     verify_marks: bool = True,
     **_,
 ):
-    from shards import ShardedDataset, ShardedLoader
-
-    class World:
-        rank, world_size = 0, 1
+    from shards import RankWorld, ReadOptions, ShardedDataset, ShardedLoader
 
     # built once per process, as a training script does; each epoch is set_epoch + one pass
     key = (url, batch_size, shuffle, readahead_bytes, verify, verify_marks)
@@ -198,10 +195,10 @@ def run_trainkit(
             url,
             batch_size=batch_size,
             shuffle=shuffle,
-            world=World(),
-            readahead_bytes=readahead_bytes,
-            verify=verify,
-            verify_marks=verify_marks,
+            world=RankWorld(0, 1),
+            read_options=ReadOptions(
+                readahead_bytes=readahead_bytes, verify=verify, verify_marks=verify_marks
+            ),
         )
     dataset.set_epoch(epoch)
     return iter(ShardedLoader(dataset, num_workers=workers))

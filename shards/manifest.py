@@ -83,6 +83,12 @@ class Manifest:
             np.asarray(local_ids, dtype=np.int64),
         )
 
+    def row_group_lengths(self) -> np.ndarray:
+        """Bytes of each global row group (shards in order)."""
+        return np.asarray(
+            [group.length for shard in self.shards for group in shard.row_groups], dtype=np.int64
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "format_version": self.format_version,
