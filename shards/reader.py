@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shards.cache import ShardCache
-from shards.errors import ChecksumMismatchError, SchemaDriftError, ShardsError
+from shards.errors import ChecksumMismatchError, ManifestError, SchemaDriftError, ShardsError
 from shards.manifest import Manifest, RowGroupInfo, ShardInfo
 from shards.options import DEFAULT_MAX_OPEN_FILES
 from shards.storage import DatasetLocation, checksum_of
@@ -307,6 +307,12 @@ class ShardReader:
         shard = self.manifest.shards[shard_id]
         group = shard.row_groups[rg_local]
         opened = self._open(shard_id)
+        if group.offset + group.length > shard.bytes:
+            raise ManifestError(
+                f"shard {self._url(shard)}: row group {rg_local} spans bytes {group.offset}.."
+                f"{group.offset + group.length}, past the file's {shard.bytes} bytes; the manifest "
+                "was edited or corrupted - rewrite the dataset with `shards write`"
+            )
         data = self._read_range(opened, shard, group)
         marks = opened.marks
         if self.verify and rg_id not in self._verified and not (marks and marks.verified(rg_local)):

@@ -49,7 +49,7 @@ def verify_dataset(
             found.append(f"size {size} bytes, manifest says {shard.bytes}")
         elif checksum.hexdigest() != shard.checksum:
             found.append(f"checksum {checksum.hexdigest()}, manifest says {shard.checksum}")
-        first = sum(len(s.row_groups) for s in manifest.shards[:shard_id])
+        first = int(manifest.table.rg_start[shard_id])
         try:
             reader._open(shard_id)
             for rg_id in range(first, first + len(shard.row_groups)):
