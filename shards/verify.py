@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from shards.errors import ShardsError
+from shards.errors import ShardsError, UnsafePathError
 from shards.manifest import Manifest
 from shards.reader import ShardReader
 from shards.storage import Checksum, resolve_location
@@ -37,7 +37,12 @@ def verify_dataset(
         shard_url = location.url_of(shard.path)
         checksum, size = Checksum(), 0
         try:
-            with location.fs.open(location.path_of(shard.path), "rb") as handle:
+            path = location.path_of(shard.path)
+        except UnsafePathError as exc:
+            problems.append(ShardProblem(shard_url, str(exc)))
+            continue
+        try:
+            with location.fs.open(path, "rb") as handle:
                 while chunk := handle.read(_CHUNK_BYTES):
                     checksum.update(chunk)
                     size += len(chunk)
