@@ -49,13 +49,6 @@ class ShardCache:
         suffix = os.path.splitext(shard.path)[1]
         return f"{algorithm}-{digest}-{shard.bytes}{suffix}"
 
-    def path(self, fs: Any, remote_path: str, shard: ShardInfo, url: str) -> str:
-        """Local path of ``shard``, downloading it first on a miss (another process may evict it
-        at any time after this returns: readers use ``open``)."""
-        local, mapped = self.open(fs, remote_path, shard, url)
-        mapped.close()
-        return local
-
     def open(
         self, fs: Any, remote_path: str, shard: ShardInfo, url: str
     ) -> tuple[str, pa.MemoryMappedFile]:

@@ -72,10 +72,8 @@ class RankWorld:
 def default_world() -> RankWorld:
     """This process's place in the job when no ``world`` is given: torch.distributed's rank and size
     once it is initialised, else RANK/WORLD_SIZE from the environment (read once, here)."""
-    try:
-        import torch.distributed as dist
-    except ImportError:  # shards runs without torch for writing and verifying
-        return RankWorld.from_env()
+    import torch.distributed as dist  # here, not at import: `import shards` stays torch-free
+
     if dist.is_available() and dist.is_initialized():
         return RankWorld(dist.get_rank(), dist.get_world_size())
     return RankWorld.from_env()

@@ -108,10 +108,10 @@ def test_cache_hits_and_evicts_within_its_limit(s3_dataset, tmp_path):
     ds = cached_dataset()
     cache = ShardCache(cache_dir, limit)
     shard = manifest.shards[-1]
-    path = cache.path(ds.location.fs, ds.location.path_of(shard.path), shard, url)
-    assert cache.hits == 1 and os.path.getsize(path) == shard.bytes
+    path, mapped = cache.open(ds.location.fs, ds.location.path_of(shard.path), shard, url)
+    assert cache.hits == 1 and os.path.getsize(path) == mapped.size() == shard.bytes
     with pytest.raises(Exception, match="more than cache_bytes"):
-        ShardCache(cache_dir, 10).path(ds.location.fs, ds.location.path_of(shard.path), shard, url)
+        ShardCache(cache_dir, 10).open(ds.location.fs, ds.location.path_of(shard.path), shard, url)
 
 
 def test_changed_remote_is_detected(s3_dataset, s3_server, tmp_path):
