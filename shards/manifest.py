@@ -147,7 +147,9 @@ class ShardTable(Sequence[ShardInfo]):
 
     @property
     def paths(self) -> list[str]:
-        return [self.path(index) for index in range(len(self))]
+        ends = self._path_ends.tolist()
+        text = self._path_text
+        return [text[start:end] for start, end in zip([0, *ends[:-1]], ends, strict=True)]
 
     def validate(self, where: str, url: str) -> None:
         """Refuses what no writer produces, naming the shard, the field and the value."""
@@ -253,13 +255,24 @@ def _int_column(values: Sequence[Any]) -> np.ndarray:
 
 
 def _parse_checksums(values: Sequence[Any]) -> np.ndarray:
-    """``crc32:xxxxxxxx`` strings as uint32 values."""
+    """``crc32:xxxxxxxx`` strings as uint32 values (one hex decode for all of them)."""
+    prefix = f"{CHECKSUM_ALGORITHM}:"
+    width = len(prefix) + 8
+    try:
+        if all(type(v) is str and len(v) == width and v.startswith(prefix) for v in values):
+            digits = "".join(value[len(prefix) :] for value in values)
+            if digits.isalnum() and digits == digits.lower():  # fromhex would skip spaces
+                parsed = np.frombuffer(bytes.fromhex(digits), dtype=">u4").astype(np.uint32)
+                if len(parsed) == len(values):
+                    return parsed
+    except ValueError:  # a non-hex digit: found and named below
+        pass
     for value in values:
         if not isinstance(value, str) or not _CHECKSUM.fullmatch(value):
             raise ValueError(
                 f"checksum {value!r} is not {CHECKSUM_ALGORITHM}: and 8 lowercase hex digits"
             )
-    return np.asarray([int(value[6:], 16) for value in values], dtype=np.uint32)
+    raise AssertionError("unreachable: every checksum matched")
 
 
 @dataclass(frozen=True)
