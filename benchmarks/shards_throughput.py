@@ -337,7 +337,7 @@ def run_one(spec: dict) -> dict:
     elif config["kind"] == "litdata":
         import litdata  # noqa: F401
     else:
-        import shards.dataset  # noqa: F401
+        import shards.loader  # noqa: F401  (imports shards.dataset too)
 
     torch.set_num_threads(1)
     if spec.get("convert"):

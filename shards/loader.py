@@ -143,11 +143,11 @@ class _WorkerView(IterableDataset):
         try:
             for _ in self.iteration.batches(worker_id, num_workers, into=into):
                 yield {_SLOT_KEY: slots.pop()}
-        except LoaderClosedError:
+        except _IterationEnded:
             return  # nobody takes these batches any more
 
 
-class LoaderClosedError(RuntimeError):
+class _IterationEnded(RuntimeError):
     """The iteration a worker produces for ended; the worker stops producing."""
 
 
@@ -173,12 +173,12 @@ class _SlotRing:
     def acquire(self, worker_id: int, count: int) -> int:
         """Slot for the worker's ``count``-th batch, once the main process has copied what was there.
 
-        Raises ``LoaderClosedError`` once the iteration ended or its process is gone, so a worker
+        Raises ``_IterationEnded`` once the iteration ended or its process is gone, so a worker
         never waits for a slot that will not be freed.
         """
         while count - int(self.copied[worker_id]) >= self.per_worker:
             if bool(self.closed[0]) or os.getppid() != self.owner_pid:
-                raise LoaderClosedError("the ShardedLoader iteration this worker fed has ended")
+                raise _IterationEnded("the ShardedLoader iteration this worker fed has ended")
             time.sleep(0.0002)
         return worker_id * self.per_worker + count % self.per_worker
 
