@@ -94,7 +94,10 @@ class ShardedLoader:
             iteration.finish()
         finally:
             # workers may wait for a slot the loop will never free, and they ignore SIGTERM: tell
-            # them to stop, then shut them down now rather than at interpreter exit
+            # them to stop, then shut them down now. DataLoader does it only when its iterator is
+            # collected, which a raised exception's traceback delays to interpreter exit, where
+            # multiprocessing would join workers that never stop (a private method, absent for
+            # in-process iterators, hence getattr)
             if ring is not None:
                 ring.close()
             shutdown = getattr(batches, "_shutdown_workers", None)
