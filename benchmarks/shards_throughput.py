@@ -4,8 +4,9 @@
     python benchmarks/shards_throughput.py --rows 50000 --repeats 1   # a quick look
     python benchmarks/shards_throughput.py --no-peers            # trainkit and pyarrow only
 
-Peers (MosaicML Streaming, LitData) run from their own venv, .venv-peers (recipe in
-/work/shared/PEERS.md), each on a copy of the same rows converted once to its format and cached
+Peers (MosaicML Streaming, LitData) run from their own venv, .venv-peers (torch 2.14.1 +
+torchvision 0.29.1, then `pip install --no-deps mosaicml-streaming litdata` and their
+dependencies; never the project's own), each on a copy of the same rows converted once to its format and cached
 beside the dataset; without that venv they are reported as skipped, with the reason.
 Every configuration runs in its own process (peak anonymous memory is sampled there, children
 included); figures are medians over --repeats and ratios against baselines measured in this run.
