@@ -109,7 +109,10 @@ def main() -> None:
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     dataset = ShardedDataset(data_url, batch_size=args.batch_size, seed=args.seed, world=world)
-    loader = ShardedLoader(dataset, num_workers=args.workers)
+    # each wait for a batch feeds trainkit's data-wait metric (shards itself knows nothing of metrics)
+    loader = ShardedLoader(
+        dataset, num_workers=args.workers, wait_observer=trainkit.metrics.observe_data_wait
+    )
 
     checkpoints = None
     start = 0

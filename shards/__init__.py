@@ -16,12 +16,16 @@ from shards.errors import (
     UnsafePathError,
 )
 from shards.manifest import Manifest, RowGroupInfo, ShardInfo
+from shards.options import RankWorld, ReadOptions, WorldLike
 from shards.writer import write_shards
 
 __all__ = [
     "ChecksumMismatchError",
+    "EpochIteration",
     "Manifest",
     "ManifestError",
+    "RankWorld",
+    "ReadOptions",
     "RowGroupInfo",
     "SchemaDriftError",
     "ShardInfo",
@@ -29,13 +33,15 @@ __all__ = [
     "ShardedLoader",
     "ShardsError",
     "UnsafePathError",
+    "WorldLike",
     "verify_dataset",
     "write_shards",
 ]
 
 _LAZY = {
     "ShardedDataset": "shards.dataset",
-    "ShardedLoader": "shards.dataset",
+    "EpochIteration": "shards.dataset",
+    "ShardedLoader": "shards.loader",
     "verify_dataset": "shards.verify",
 }
 

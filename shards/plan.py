@@ -11,20 +11,23 @@ for any new world size. Nothing here reads files or touches torch.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 __all__ = [
+    "PLAN_CHUNK_BATCHES",
     "Cursor",
     "EpochOrder",
+    "PlannedBatch",
     "Split",
     "auto_block_rows",
     "batch_positions",
     "batches_positions",
     "fresh_cursor",
     "make_split",
+    "plan_worker_batches",
     "positions_of_offsets",
     "rebase_cursor",
     "remaining_intervals",
@@ -32,6 +35,7 @@ __all__ = [
 ]
 
 Interval = tuple[int, int]
+PLAN_CHUNK_BATCHES = 32  # batches located per vectorised step
 
 
 def auto_block_rows(rg_rows: Sequence[int]) -> int:
@@ -274,3 +278,46 @@ def worker_batch_indices(
     order DataLoader collects them in, so the rank's order never depends on ``num_workers``."""
     step = max(1, num_workers)
     return range(start_batch + worker_id, num_batches, step)
+
+
+@dataclass(frozen=True)
+class PlannedBatch:
+    """Where one batch's samples live: row group and row of each sample (grouped by row group, rows
+    in file order), which samples are padding, and the distinct row groups it needs."""
+
+    groups: np.ndarray
+    rows: np.ndarray
+    padding: np.ndarray
+    row_groups: tuple[int, ...]
+
+
+def plan_worker_batches(
+    split: Split,
+    order: EpochOrder,
+    rank: int,
+    start_batch: int,
+    worker_id: int,
+    num_workers: int,
+    chunk_batches: int = PLAN_CHUNK_BATCHES,
+) -> Iterator[PlannedBatch]:
+    """The batches worker ``worker_id`` of ``rank`` produces from ``start_batch`` on, in its order.
+
+    Within a batch each row group's rows come together and in file order - one gather per row group;
+    the order of samples inside a batch carries no meaning. Located ``chunk_batches`` at a time.
+    """
+    if order.epoch != split.cursor.epoch:
+        raise ValueError(f"the order is of epoch {order.epoch}, the split of {split.cursor.epoch}")
+    size = split.cursor.batch_size
+    indices = worker_batch_indices(split.num_batches, start_batch, worker_id, num_workers)
+    for first in range(0, len(indices), chunk_batches):
+        chunk = indices[first : first + chunk_batches]
+        positions, padding = batches_positions(split, rank, chunk)
+        groups, rows = order.locate(positions)
+        batch_ids = np.repeat(np.arange(len(chunk)), size)
+        key = np.lexsort((rows, groups, batch_ids))
+        groups, rows, padding = groups[key], rows[key], padding[key]
+        for j in range(len(chunk)):
+            part = slice(j * size, (j + 1) * size)
+            batch_groups = groups[part]
+            distinct = batch_groups[np.concatenate(([True], batch_groups[1:] != batch_groups[:-1]))]
+            yield PlannedBatch(batch_groups, rows[part], padding[part], tuple(distinct.tolist()))

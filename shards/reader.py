@@ -11,17 +11,19 @@ import contextlib
 import io
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shards.cache import ShardCache
-from shards.errors import ChecksumMismatchError, SchemaDriftError, ShardsError
-from shards.manifest import Manifest, ShardInfo
+from shards.errors import ChecksumMismatchError, ManifestError, SchemaDriftError, ShardsError
+from shards.manifest import Manifest, RowGroupInfo, ShardInfo
+from shards.options import DEFAULT_MAX_OPEN_FILES
 from shards.storage import DatasetLocation, checksum_of
 from shards.writer import describe_schema_drift
 
@@ -104,21 +106,26 @@ class _VerifiedMarks:
     One byte per row group in a small file named by the shard's checksum and the file's identity
     (device, inode, size, mtime): a rewritten or touched file gets a fresh, empty record. Setting a
     byte is idempotent, so concurrent processes need no lock; any OSError just means "check again".
+    The record is opened only to read it and to mark a row group, so it holds no file descriptor.
     """
 
     def __init__(self, directory: str, shard: ShardInfo, path: str) -> None:
-        self._fd: int | None = None
+        self._path: str | None = None
         self._flags = b""
         try:
             stat = os.stat(path)
             digest = shard.checksum.replace(":", "-")
             name = f"{digest}-{stat.st_dev}-{stat.st_ino}-{stat.st_size}-{stat.st_mtime_ns}"
             os.makedirs(directory, exist_ok=True)
-            fd = os.open(os.path.join(directory, name), os.O_RDWR | os.O_CREAT, 0o644)
-            count = len(shard.row_groups)
-            if os.fstat(fd).st_size < count:
-                os.ftruncate(fd, count)
-            self._flags, self._fd = os.pread(fd, count, 0), fd
+            record = os.path.join(directory, name)
+            fd = os.open(record, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                count = len(shard.row_groups)
+                if os.fstat(fd).st_size < count:
+                    os.ftruncate(fd, count)
+                self._flags, self._path = os.pread(fd, count, 0), record
+            finally:
+                os.close(fd)
         except OSError:
             pass
 
@@ -126,13 +133,14 @@ class _VerifiedMarks:
         return index < len(self._flags) and self._flags[index] == 1
 
     def mark(self, index: int) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(OSError):
-                os.pwrite(self._fd, b"\x01", index)
-
-    def __del__(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
+        if self._path is None:
+            return
+        with contextlib.suppress(OSError):
+            fd = os.open(self._path, os.O_WRONLY)
+            try:
+                os.pwrite(fd, b"\x01", index)
+            finally:
+                os.close(fd)
 
 
 def default_marks_dir() -> str:
@@ -146,8 +154,36 @@ def _missing_shard(url: str) -> ShardsError:
     return ShardsError(f"shard {url} is missing; the dataset is incomplete - re-run `shards write`")
 
 
+class _OpenShard(NamedTuple):
+    """A shard checked against the manifest: its bytes (mapped, or None for remote range reads),
+    its Parquet footer, the local file (for read-ahead hints) and its record of checked row groups."""
+
+    source: Any
+    metadata: Any
+    local_path: str | None
+    marks: _VerifiedMarks | None
+
+
+def _advise_willneed(path: str, offset: int, length: int) -> None:
+    """Ask the kernel to read a range ahead in one large request (cold page cache).
+
+    The file is opened just for the hint, so open shards hold no descriptor; a file evicted from
+    the cache meanwhile simply gets no hint.
+    """
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
+
 class ShardReader:
-    """Loads row groups of one dataset as Arrow record batches of the selected ``columns``."""
+    """Loads row groups of one dataset as Arrow record batches of the selected ``columns``.
+
+    At most ``max_open_files`` shards stay open (least recently used closed first); a closed
+    shard's memory map lives on while a batch still uses its bytes.
+    """
 
     def __init__(
         self,
@@ -158,58 +194,62 @@ class ShardReader:
         cache: ShardCache | None = None,
         verify: bool = True,
         marks_dir: str | None = None,
+        max_open_files: int = DEFAULT_MAX_OPEN_FILES,
     ) -> None:
+        if max_open_files <= 0:
+            raise ValueError(f"max_open_files ({max_open_files}) must be positive")
         self.manifest, self.location, self.columns = manifest, location, list(columns)
         self.cache, self.verify = cache, verify
         self.marks_dir = marks_dir
+        self.max_open_files = max_open_files
         self.checks = 0  # row groups checksummed by this reader
         _rows, shard_ids, local_ids = manifest.row_group_table()
         self.rg_shard, self.rg_local = shard_ids, local_ids
-        self.rg_bytes = np.asarray(
-            [group.length for shard in manifest.shards for group in shard.row_groups],
-            dtype=np.int64,
-        )
+        self.rg_bytes = manifest.row_group_lengths()
         self.bytes_read = 0
-        self._opened: dict[int, tuple[Any, Any]] = {}  # shard id -> (source, parquet metadata)
+        self._opened: OrderedDict[int, _OpenShard] = OrderedDict()  # least recently used first
         self._verified: set[int] = set()
-        self._marks: dict[int, _VerifiedMarks] = {}
-        self._fds: dict[int, int] = {}  # local shard files, for read-ahead hints
         self._lock = threading.Lock()  # readahead threads open shards and count bytes
-
-    def __del__(self) -> None:
-        for fd in self.__dict__.get("_fds", {}).values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
 
     def _url(self, shard: ShardInfo) -> str:
         return self.location.url_of(shard.path)
 
-    def _open(self, shard_id: int) -> tuple[Any, Any]:
-        """Opens a shard once per process: size and schema checked against the manifest."""
-        with self._lock:
-            return self._open_locked(shard_id)
+    @property
+    def num_open(self) -> int:
+        return len(self._opened)
 
-    def _open_locked(self, shard_id: int) -> tuple[Any, Any]:
-        opened = self._opened.get(shard_id)
-        if opened is not None:
+    def _open(self, shard_id: int) -> _OpenShard:
+        """Opens a shard (again, after it was closed): size and schema checked against the manifest."""
+        with self._lock:  # one opening (and download) per shard, however many readahead threads
+            opened = self._opened.get(shard_id)
+            if opened is None:
+                opened = self._opened[shard_id] = self._open_shard(shard_id)
+                while len(self._opened) > self.max_open_files:
+                    self._opened.popitem(last=False)
+            else:
+                self._opened.move_to_end(shard_id)
             return opened
+
+    def _open_shard(self, shard_id: int) -> _OpenShard:
         shard = self.manifest.shards[shard_id]
         url, remote = self._url(shard), self.location.path_of(shard.path)
+        local_path, marks = None, None
         if self.location.local or self.cache is not None:
-            if self.cache is None or self.location.local:
-                path = remote  # local files are read in place, never copied into the cache
+            if self.location.local:  # local files are read in place, never copied into the cache
+                local_path = remote
+                try:
+                    mapped = pa.memory_map(local_path, "r")
+                except FileNotFoundError:
+                    raise _missing_shard(url) from None
             else:
-                path = self.cache.path(self.location.fs, remote, shard, url)
+                local_path, mapped = self.cache.open(self.location.fs, remote, shard, url)
             try:
-                source: Any = pa.memory_map(path, "r")
-            except FileNotFoundError:
-                raise _missing_shard(url) from None
-            size = source.size()
-            source = source.read_buffer()  # the whole mapping as one zero-copy buffer
-            with contextlib.suppress(OSError):
-                self._fds[shard_id] = os.open(path, os.O_RDONLY)
+                size = mapped.size()
+                source: Any = mapped.read_buffer()  # the whole mapping as one zero-copy buffer
+            finally:
+                mapped.close()  # the mapping outlives its descriptor
             if self.verify and self.marks_dir is not None:
-                self._marks[shard_id] = _VerifiedMarks(self.marks_dir, shard, path)
+                marks = _VerifiedMarks(self.marks_dir, shard, local_path)
         else:
             source = None
             try:
@@ -236,26 +276,19 @@ class ShardReader:
                 "re-run `shards write`"
             ) from exc
         finally:
-            if source is None:
-                handle.close()
+            handle.close()
         if not schema.remove_metadata().equals(self.manifest.schema):
             raise SchemaDriftError(
                 f"shard {url}: {describe_schema_drift(self.manifest.schema, schema)}; "
                 "the file does not belong to this manifest - re-run `shards write`"
             )
-        self._opened[shard_id] = (source, metadata)
-        return source, metadata
+        return _OpenShard(source, metadata, local_path, marks)
 
-    def _read_range(self, shard_id: int, rg_local: int) -> Any:
-        shard = self.manifest.shards[shard_id]
-        group = shard.row_groups[rg_local]
-        source, _ = self._open(shard_id)
-        if source is not None:
-            fd = self._fds.get(shard_id)
-            if fd is not None and hasattr(os, "posix_fadvise"):
-                # one large asynchronous read of the whole range instead of page-sized faults (cold cache)
-                os.posix_fadvise(fd, group.offset, group.length, os.POSIX_FADV_WILLNEED)
-            data = source.slice(group.offset, group.length)  # zero-copy (read_at would copy)
+    def _read_range(self, opened: _OpenShard, shard: ShardInfo, group: RowGroupInfo) -> Any:
+        if opened.source is not None:
+            if opened.local_path is not None and hasattr(os, "posix_fadvise"):
+                _advise_willneed(opened.local_path, group.offset, group.length)
+            data = opened.source.slice(group.offset, group.length)  # zero-copy (read_at copies)
         else:
             data = pa.py_buffer(
                 self.location.fs.cat_file(
@@ -273,8 +306,15 @@ class ShardReader:
         shard_id, rg_local = int(self.rg_shard[rg_id]), int(self.rg_local[rg_id])
         shard = self.manifest.shards[shard_id]
         group = shard.row_groups[rg_local]
-        data = self._read_range(shard_id, rg_local)
-        marks = self._marks.get(shard_id)
+        opened = self._open(shard_id)
+        if group.offset + group.length > shard.bytes:
+            raise ManifestError(
+                f"shard {self._url(shard)}: row group {rg_local} spans bytes {group.offset}.."
+                f"{group.offset + group.length}, past the file's {shard.bytes} bytes; the manifest "
+                "was edited or corrupted - rewrite the dataset with `shards write`"
+            )
+        data = self._read_range(opened, shard, group)
+        marks = opened.marks
         if self.verify and rg_id not in self._verified and not (marks and marks.verified(rg_local)):
             self.checks += 1
             actual = checksum_of(memoryview(data))
@@ -292,9 +332,8 @@ class ShardReader:
                 batch = pa.ipc.read_record_batch(pa.ipc.read_message(data), self.manifest.schema)
                 batch = batch.select(self.columns)
             else:
-                _, metadata = self._opened[shard_id]
                 overlay = _RangeFile(shard.bytes, [(group.offset, data)], self._url(shard))
-                table = pq.ParquetFile(overlay, metadata=metadata).read_row_group(
+                table = pq.ParquetFile(overlay, metadata=opened.metadata).read_row_group(
                     rg_local, columns=self.columns, use_threads=False
                 )
                 batch = table.combine_chunks().to_batches()[0]

@@ -12,7 +12,7 @@ import zlib
 from collections.abc import Mapping
 from typing import Any
 
-from shards.errors import UnsafePathError
+from shards.errors import ShardsError, UnsafePathError
 
 __all__ = [
     "Checksum",
@@ -60,12 +60,21 @@ class DatasetLocation:
         self.storage_options = dict(storage_options or {})
         self._fs: Any = None
         self._pid = -1
+        self._real_root: str | None = None
         self.root = self._resolve()[1].rstrip("/") or "/"
 
     def _resolve(self) -> tuple[Any, str]:
         import fsspec.core
 
-        fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        _check_scheme(self.url)
+        try:
+            fs, root = fsspec.core.url_to_fs(self.url, **self.storage_options)
+        except ImportError as exc:
+            scheme = fsspec.core.split_protocol(self.url)[0]
+            raise ShardsError(
+                f"dataset {self.url}: the {scheme}:// scheme needs a package that is not installed "
+                f"({exc}); install it, e.g. `pip install {_package_of(scheme)}`"
+            ) from None
         self._fs, self._pid = fs, os.getpid()
         return fs, root
 
@@ -79,9 +88,22 @@ class DatasetLocation:
         return {**self.__dict__, "_fs": None, "_pid": -1}
 
     def path_of(self, relative: str) -> str:
-        """The filesystem path of ``relative`` under the root; refuses anything that escapes it."""
+        """The filesystem path of ``relative`` under the root; refuses anything that escapes it,
+        for local datasets also through symlinks (the path is resolved, then confined)."""
         check_relative_path(relative, self.url)
-        return posixpath.join(self.root, relative)
+        path = posixpath.join(self.root, relative)
+        if not self.local:
+            return path
+        if self._real_root is None:
+            self._real_root = os.path.realpath(self.root)
+        real = os.path.realpath(path)
+        if os.path.commonpath([real, self._real_root]) != self._real_root:
+            raise UnsafePathError(
+                f"dataset {self.url}: shard {relative} resolves to {real}, outside the dataset root "
+                f"{self._real_root} (a symlink leads out of it); copy the file into the dataset or "
+                "rewrite the dataset with `shards write`"
+            )
+        return path
 
     def url_of(self, relative: str) -> str:
         return f"{self.url}/{relative}"
@@ -106,6 +128,30 @@ def check_relative_path(relative: str, url: str) -> None:
             f"dataset {url}: shard path {relative!r} escapes the dataset root; a manifest may only "
             "name plain relative paths below it - rewrite the dataset with `shards write`"
         )
+
+
+def _check_scheme(url: str) -> None:
+    """Refuses a URL scheme fsspec does not know, naming the URL and the scheme."""
+    import fsspec
+    import fsspec.core
+
+    if "::" in url:  # chained URLs (simplecache::s3://...) are fsspec's to check
+        return
+    scheme = fsspec.core.split_protocol(url)[0]
+    if scheme is not None and scheme not in fsspec.available_protocols():
+        raise ShardsError(
+            f"dataset {url}: unknown URL scheme {scheme!r}; use a local path or a scheme fsspec "
+            "knows (s3://, gs://, az://, hf://, memory://...), installing its package, e.g. "
+            "`pip install s3fs` for s3://"
+        )
+
+
+def _package_of(scheme: str) -> str:
+    """The package that implements ``scheme`` in fsspec's registry (e.g. s3 -> s3fs)."""
+    from fsspec.registry import known_implementations
+
+    entry = known_implementations.get(scheme, {})
+    return str(entry.get("class", scheme)).split(".")[0]
 
 
 def resolve_location(url: str, storage_options: Mapping[str, Any] | None = None) -> DatasetLocation:

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from shards.errors import ShardsError
+from shards.errors import ShardsError, UnsafePathError
 from shards.manifest import Manifest
 from shards.reader import ShardReader
 from shards.storage import Checksum, resolve_location
@@ -37,7 +37,12 @@ def verify_dataset(
         shard_url = location.url_of(shard.path)
         checksum, size = Checksum(), 0
         try:
-            with location.fs.open(location.path_of(shard.path), "rb") as handle:
+            path = location.path_of(shard.path)
+        except UnsafePathError as exc:
+            problems.append(ShardProblem(shard_url, str(exc)))
+            continue
+        try:
+            with location.fs.open(path, "rb") as handle:
                 while chunk := handle.read(_CHUNK_BYTES):
                     checksum.update(chunk)
                     size += len(chunk)
@@ -49,7 +54,7 @@ def verify_dataset(
             found.append(f"size {size} bytes, manifest says {shard.bytes}")
         elif checksum.hexdigest() != shard.checksum:
             found.append(f"checksum {checksum.hexdigest()}, manifest says {shard.checksum}")
-        first = sum(len(s.row_groups) for s in manifest.shards[:shard_id])
+        first = int(manifest.table.rg_start[shard_id])
         try:
             reader._open(shard_id)
             for rg_id in range(first, first + len(shard.row_groups)):

@@ -3,7 +3,12 @@ the local cache (hits, eviction within its byte limit), and a remote that change
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -20,7 +25,7 @@ from shards.cache import ShardCache
 from tests.fixtures.s3 import s3_server
 from tests.shards.synthetic import make_table
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
 class World:
@@ -103,10 +108,10 @@ def test_cache_hits_and_evicts_within_its_limit(s3_dataset, tmp_path):
     ds = cached_dataset()
     cache = ShardCache(cache_dir, limit)
     shard = manifest.shards[-1]
-    path = cache.path(ds.location.fs, ds.location.path_of(shard.path), shard, url)
-    assert cache.hits == 1 and os.path.getsize(path) == shard.bytes
+    path, mapped = cache.open(ds.location.fs, ds.location.path_of(shard.path), shard, url)
+    assert cache.hits == 1 and os.path.getsize(path) == mapped.size() == shard.bytes
     with pytest.raises(Exception, match="more than cache_bytes"):
-        ShardCache(cache_dir, 10).path(ds.location.fs, ds.location.path_of(shard.path), shard, url)
+        ShardCache(cache_dir, 10).open(ds.location.fs, ds.location.path_of(shard.path), shard, url)
 
 
 def test_changed_remote_is_detected(s3_dataset, s3_server, tmp_path):
@@ -144,3 +149,64 @@ def test_changed_remote_is_detected(s3_dataset, s3_server, tmp_path):
         "the changed shard is not cached"
     )
     assert not [name for name in cached if name.startswith(".part-")], "no partial download is left"
+
+
+READ_THROUGH_CACHE = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    from shards import RankWorld, ShardedDataset
+    url, options, cache_dir, limit, seed = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+    for epoch in range(2):
+        dataset = ShardedDataset(url, batch_size=40, world=RankWorld(0, 1), seed=seed,
+                                 storage_options=options, cache_dir=cache_dir, cache_bytes=limit)
+        dataset.set_epoch(epoch)
+        ids = np.concatenate([batch["id"].numpy() for batch in dataset])
+        assert sorted(ids.tolist()) == list(range(4000)), "every sample once"
+    """
+)
+
+
+def test_processes_sharing_a_small_cache_survive_evictions_within_the_limit(s3_dataset, tmp_path):
+    url, options = s3_dataset
+    manifest = Manifest.load(url, storage_options=options)
+    limit = 2 * max(shard.bytes for shard in manifest.shards) + 100
+    cache_dir = tmp_path / "cache"
+    script = tmp_path / "read_through_cache.py"
+    script.write_text(READ_THROUGH_CACHE)
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    readers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(script),
+                url,
+                json.dumps(options),
+                str(cache_dir),
+                str(limit),
+                str(seed),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for seed in range(4)
+    ]
+    largest_seen = 0
+    deadline = time.monotonic() + 200
+    try:
+        while any(reader.poll() is None for reader in readers):
+            assert time.monotonic() < deadline, "readers did not finish"
+            cached = ShardCache(str(cache_dir), limit).total_bytes()
+            largest_seen = max(largest_seen, cached)
+            time.sleep(0.005)
+        failures = [reader.communicate()[1][-2000:] for reader in readers if reader.returncode]
+    finally:
+        for reader in readers:
+            if reader.poll() is None:
+                reader.kill()
+                reader.wait()
+    assert not failures, failures
+    assert 0 < largest_seen <= limit
+    assert ShardCache(str(cache_dir), limit).total_bytes() <= limit

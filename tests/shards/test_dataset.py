@@ -182,3 +182,15 @@ def test_default_world_reads_the_environment(dataset_url, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     ds = ShardedDataset(dataset_url, batch_size=8)
     assert (ds.world.rank, ds.world.world_size) == (2, 3)
+
+
+def test_an_iteration_counts_what_the_loop_takes_and_refuses_a_moved_cursor(dataset_url):
+    ds = dataset(dataset_url, 0, 1)
+    iteration = ds.begin_iteration()
+    batches = iteration.batches()
+    next(batches)
+    iteration.advance()
+    assert ds.consumed_batches == 1 and ds.cursor is iteration.cursor
+    ds.set_epoch(1)
+    with pytest.raises(ShardsError, match=r"cursor changed \(set_epoch or load_state_dict\)"):
+        iteration.advance()

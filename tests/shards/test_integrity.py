@@ -3,6 +3,7 @@ manifest, manifest paths escaping the root; ``verify_dataset`` lists every bad s
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -15,6 +16,7 @@ from shards import (
     ManifestError,
     SchemaDriftError,
     ShardedDataset,
+    ShardsError,
     UnsafePathError,
     verify_dataset,
     write_shards,
@@ -129,3 +131,38 @@ def test_checks_are_remembered_per_file_version(tmp_path, monkeypatch):
         handle.write(b"\xff\xfe")
     with pytest.raises(ChecksumMismatchError, match="row group 0"):
         list(ShardedDataset(url, batch_size=10, world=World(), shuffle=False))
+
+
+def test_symlinks_out_of_the_root_are_refused(tmp_path):
+    url, manifest = write(tmp_path, "arrow")
+    shard = manifest.shards[1]
+    inside = os.path.join(url, shard.path)
+    outside = tmp_path / "elsewhere.arrow"
+    os.replace(inside, outside)
+    os.symlink(outside, inside)  # the bytes are intact: only where they live is wrong
+    with pytest.raises(
+        UnsafePathError,
+        match=rf"dataset {url}: shard {shard.path} resolves to {outside}, outside the dataset "
+        rf"root {os.path.realpath(url)}",
+    ):
+        read_all(url)
+    assert [p.url for p in verify_dataset(url)] == [f"{url}/{shard.path}"]
+    os.unlink(inside)
+    os.replace(outside, tmp_path / "arrow" / "moved.arrow")
+    os.symlink("moved.arrow", inside)  # a symlink that stays inside the root is fine
+    linked_root = tmp_path / "linked"
+    os.symlink(url, linked_root)  # and so is a dataset root reached through a symlink
+    assert len(read_all(url)) == len(read_all(str(linked_root))) == 60
+
+
+def test_unknown_and_uninstalled_url_schemes_name_the_url_and_the_fix():
+    with pytest.raises(
+        ShardsError, match=r"dataset nope://bucket/ds: unknown URL scheme 'nope'.*pip install s3fs"
+    ):
+        read_all("nope://bucket/ds")
+    if importlib.util.find_spec("gcsfs") is None:
+        with pytest.raises(
+            ShardsError,
+            match=r"dataset gcs://bucket/ds: the gcs:// scheme needs a package .*pip install gcsfs",
+        ):
+            read_all("gcs://bucket/ds")

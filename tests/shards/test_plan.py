@@ -193,3 +193,25 @@ def test_state_must_belong_to_its_split():
         make_split(replace(cursor, consumed=15))
     with pytest.raises(ValueError, match="seed"):
         EpochOrder([1], seed=-1, epoch=0, shuffle=True)
+
+
+@pytest.mark.parametrize("num_workers", [1, 3])
+def test_planned_worker_batches_are_the_rank_batches_grouped_by_row_group(num_workers):
+    from shards.plan import plan_worker_batches
+
+    order = EpochOrder([40, 25, 60, 33, 50] * 4, seed=3, epoch=1, shuffle=True, block_rows=90)
+    cursor = fresh_cursor(order.num_rows, 1, 2, 16, True)
+    split = make_split(cursor)
+    for rank in range(2):
+        planned = {}
+        for worker in range(num_workers):
+            batches = list(plan_worker_batches(split, order, rank, 0, worker, num_workers, 4))
+            indices = worker_batch_indices(split.num_batches, 0, worker, num_workers)
+            planned.update(zip(indices, batches, strict=True))
+        assert sorted(planned) == list(range(split.num_batches))
+        for index, batch in planned.items():
+            expected = order.global_rows(batch_positions(split, rank, index)[0])
+            rows = order.rg_offsets[batch.groups] + batch.rows
+            assert sorted(rows.tolist()) == sorted(expected.tolist())
+            assert np.all(np.diff(batch.groups) >= 0), "each row group's rows together"
+            assert batch.row_groups == tuple(np.unique(batch.groups).tolist())
