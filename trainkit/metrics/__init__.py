@@ -59,7 +59,7 @@ def step(samples: int, tokens: int | None = None, loss: float | None = None) -> 
 
 
 def observe_data_wait(seconds: float) -> None:
-    """Add time the training loop spent waiting for its next batch (called by ``ShardedLoader``)."""
+    """Add time the training loop spent waiting for its next batch (pass it as ``ShardedLoader(wait_observer=...)``)."""
     (_recorder or configure()).observe_data_wait(seconds)
 
 
