@@ -128,8 +128,8 @@ def test_only_identity_decides_whether_this_is_a_pod() -> None:
 
 # Variables whose parser lives outside trainkit/env_vars.py by design, and where.
 OWNED_ELSEWHERE = {
-    "TRAINKIT_GRACE_PERIOD_S": "trainkit/exit_codes.py",
-    "TRAINKIT_EXIT_STATUS_DIR": "trainkit/exit_codes.py",
+    "TRAINKIT_GRACE_PERIOD_S": "trainkit/preemption.py",
+    "TRAINKIT_EXIT_STATUS_DIR": "trainkit/preemption.py",
     "TRAINKIT_METRICS_PORT": "trainkit/metrics/",
     "TRAINKIT_METRICS_ADDR": "trainkit/metrics/",
     "TRAINKIT_METRICS_DIR": "trainkit/metrics/",
