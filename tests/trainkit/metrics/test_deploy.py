@@ -277,5 +277,8 @@ def test_pod_monitor_scrapes_the_agent_port_and_keeps_trainkit_labels() -> None:
     check(monitor, "PodMonitor")
     (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
     assert endpoint["honorLabels"] is True and endpoint["path"] == "/metrics"
-    text = (Path(__file__).resolve().parents[3] / "README.md").read_text()
-    assert f"{{name: {endpoint['port']}, containerPort: {DEFAULT_POD_METRICS_PORT}}}" in text
+    # The shipped workloads name that port on the exporter's default (deploy/k8s, excerpted in README).
+    statefulset = yaml.safe_load((DEPLOY.parent / "k8s/base/elastic/statefulset.yaml").read_text())
+    (trainer,) = statefulset["spec"]["template"]["spec"]["containers"]
+    ports = {port["name"]: port["containerPort"] for port in trainer["ports"]}
+    assert ports[endpoint["port"]] == DEFAULT_POD_METRICS_PORT
