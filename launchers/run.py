@@ -26,9 +26,18 @@ from trainkit.exit_codes import (
     read_grace_period_s,
 )
 
-__all__ = ["build_parser", "explicit_options", "main", "resolve_exit_code"]
+__all__ = [
+    "bind_workers_to_launcher",
+    "build_parser",
+    "explicit_options",
+    "main",
+    "resolve_exit_code",
+]
 
 logger = logging.getLogger("trainkit.run")
+
+#: torch's switch for the agent store it shares with workers across restarts (see ``run``).
+SHARED_STORE_VARIABLE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,6 +151,30 @@ def apply_trainkit_defaults(
     return notes
 
 
+def bind_workers_to_launcher(args: argparse.Namespace, launcher_pid: int) -> None:
+    """Start every worker through ``launchers.worker_bootstrap`` so it dies with this launcher.
+
+    A SIGKILLed launcher otherwise leaves its workers running (each in its own session), holding
+    GPUs and writing into the checkpoint root of the job that replaces it. ``--run-path`` workers
+    are forked by multiprocessing, not started as a command, and stay as torch starts them.
+    """
+    from launchers.worker_bootstrap import bootstrap_argv
+
+    if args.run_path:
+        return
+    if args.no_python:
+        mode = "exec"
+    elif args.module:
+        mode = "module"
+    else:
+        mode = "script"
+    args.training_script_args = bootstrap_argv(
+        launcher_pid, mode, args.training_script, args.training_script_args
+    )
+    args.training_script = "launchers.worker_bootstrap"
+    args.module, args.no_python = True, False
+
+
 def resolve_exit_code(exit_codes: Mapping[int, int], first_rank: int) -> int:
     """The launcher's exit code from the failed workers' codes (global rank -> code).
 
@@ -205,10 +238,13 @@ def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None)
     """Parse ``argv`` like torchrun, launch through torch.distributed.elastic, return the exit code."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, get_error_handler
+    from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.run import determine_local_world_size
     from torch.distributed.run import run as torch_run
 
+    from launchers.standalone import use_standalone_rendezvous
     from trainkit.comms import CommsPlanError, apply_plan
+    from trainkit.k8s.signed_state import require_job_token
     from trainkit.metrics.exporter import start_pod_exporter
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -219,6 +255,15 @@ def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None)
     explicit = explicit_options(parser, argv, env)
     for note in apply_trainkit_defaults(parser, args, explicit, env):
         print(f"trainkit-run: {note}", file=sys.stderr, flush=True)
+
+    if args.rdzv_backend == "k8s":
+        try:
+            require_job_token(env)  # before any pod waits on DNS for a launcher that cannot start
+        except ValueError as error:
+            print(f"trainkit-run: {error}", file=sys.stderr, flush=True)
+            return 2
+    use_standalone_rendezvous(args)
+    bind_workers_to_launcher(args, os.getpid())
 
     # Workers inherit this process's environment: the comms plan, the metrics directory and the
     # exit-status directory reach them that way, exactly as torchrun passes its own variables.
@@ -244,6 +289,10 @@ def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None)
     if exporter is not None:
         os.environ.update(exporter.worker_env())
 
+    # torch's shared agent store outlives a worker-group restart, so a script that calls
+    # init_process_group itself can read the previous attempt's gloo addresses and fail or hang.
+    # Without sharing, every rendezvous round hands workers a fresh store; an explicit value wins.
+    os.environ.setdefault(SHARED_STORE_VARIABLE, "1")
     get_error_handler().initialize()
     status_dir = Path(tempfile.mkdtemp(prefix="trainkit-exit-"))
     os.environ[EXIT_STATUS_DIR_VARIABLE] = str(status_dir)
@@ -252,6 +301,13 @@ def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None)
         return 0
     except ChildFailedError as error:
         return _summarise_failure(error)
+    except RendezvousError as error:
+        print(
+            f"trainkit-run: rendezvous failed ({type(error).__name__}): {error}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
     except SignalException as error:
         return _exit_after_signal(
             error.sigval, status_dir, determine_local_world_size(args.nproc_per_node)
