@@ -66,6 +66,19 @@ def launch(launcher: list[str], args: list[str], **env: str) -> subprocess.Compl
     )
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def rendezvous_flags(rendezvous: str) -> list[str]:
+    """``standalone``: trainkit's loopback backend; ``c10d``: torch's, on a loopback endpoint."""
+    if rendezvous == "standalone":
+        return ["--standalone"]
+    return ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
+
+
 def read_records(outdir: Path) -> dict[str, dict]:
     return {path.stem: json.loads(path.read_text()) for path in sorted(outdir.glob("rank-*.json"))}
 
@@ -278,22 +291,26 @@ def test_console_script_is_installed() -> None:
     assert shutil.which("trainkit-run") or Path(sys.executable).with_name("trainkit-run").exists()
 
 
-def test_process_group_forms_again_after_a_restart() -> None:
-    # The restarted group must not pick up the previous attempt's addresses from the agent store.
+@pytest.mark.parametrize("rendezvous", ["standalone", "c10d"])
+def test_process_group_forms_again_after_a_restart(rendezvous: str) -> None:
+    # The restarted group must not pick up the previous attempt's addresses from the agent store;
+    # with c10d trainkit.init() joins without the agent store (TORCHELASTIC_USE_AGENT_STORE=False).
     script = Path(__file__).parent / "scripts" / "allreduce_restart.py"
     result = launch(
-        TRAINKIT_RUN, ["--standalone", "--nproc-per-node", "2", "--max-restarts", "1", str(script)]
+        TRAINKIT_RUN,
+        [
+            *rendezvous_flags(rendezvous),
+            "--nproc-per-node",
+            "2",
+            "--max-restarts",
+            "1",
+            str(script),
+        ],
     )
     assert result.returncode == 0, result.stderr[-3000:]
     # Workers share the launcher's stdout, so their lines may interleave: match, don't split.
     reports = sorted(re.findall(r"rank (\d) attempt (\d) value (\d+)", result.stdout))
     assert reports == [("0", "1", "1024"), ("1", "1", "1024")], result.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.mark.timeout(300)
@@ -302,15 +319,10 @@ def test_plain_torch_script_recovers_from_every_restart(rendezvous: str) -> None
     # A script with only torch.distributed (no trainkit) joins through env:// itself; three times
     # a worker is SIGKILLed after an all_reduce and the next attempt must form its group again.
     script = Path(__file__).parent / "scripts" / "plain_torch_restart.py"
-    flags = (
-        ["--standalone"]
-        if rendezvous == "standalone"
-        else ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
-    )
     result = subprocess.run(
         [
             *TRAINKIT_RUN,
-            *flags,
+            *rendezvous_flags(rendezvous),
             "--nproc-per-node",
             "2",
             "--max-restarts",
