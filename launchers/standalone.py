@@ -45,18 +45,16 @@ def create_standalone_handler(params: RendezvousParameters) -> RendezvousHandler
 
 
 def use_standalone_rendezvous(args: argparse.Namespace) -> bool:
-    """Point ``args`` at this backend where torchrun would run its own standalone c10d store.
+    """Point ``args`` at this backend for every single-node launch without a rendezvous endpoint.
 
-    That is ``--standalone``, or the default static backend for one node without an endpoint or
-    master port (torch 2.13 turns that into standalone too). Registers the backend with torch.
+    That is ``--standalone`` and the static backend on one node: torch 2.13 turns the latter into
+    standalone itself unless ``--master-port`` is given, and then reuses one store for every
+    restart, so a script's restarted process group reads the previous attempt's addresses. Here
+    each round's workers get a fresh loopback store instead (``--master-port`` is not used).
+    Registers the backend with torch.
     """
     _, max_nodes = parse_min_max_nnodes(args.nnodes)
-    implicit = (
-        args.rdzv_backend == "static"
-        and not args.rdzv_endpoint
-        and args.master_port is None
-        and max_nodes == 1
-    )
+    implicit = args.rdzv_backend == "static" and not args.rdzv_endpoint and max_nodes == 1
     if not (args.standalone or implicit):
         return False
     from torch.distributed.elastic.rendezvous import rendezvous_handler_registry

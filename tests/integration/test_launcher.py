@@ -73,9 +73,12 @@ def free_port() -> int:
 
 
 def rendezvous_flags(rendezvous: str) -> list[str]:
-    """``standalone``: trainkit's loopback backend; ``c10d``: torch's, on a loopback endpoint."""
+    """``standalone``: trainkit's loopback backend; ``c10d``: torch's, on a loopback endpoint;
+    ``static``: torch's default backend with a master port (one store for every restart)."""
     if rendezvous == "standalone":
         return ["--standalone"]
+    if rendezvous == "static":
+        return ["--nnodes", "1", "--master-port", str(free_port())]
     return ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
 
 
@@ -314,7 +317,7 @@ def test_process_group_forms_again_after_a_restart(rendezvous: str) -> None:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("rendezvous", ["standalone", "c10d"])
+@pytest.mark.parametrize("rendezvous", ["standalone", "c10d", "static"])
 def test_plain_torch_script_recovers_from_every_restart(rendezvous: str) -> None:
     # A script with only torch.distributed (no trainkit) joins through env:// itself; three times
     # a worker is SIGKILLed after an all_reduce and the next attempt must form its group again.

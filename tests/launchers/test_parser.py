@@ -127,7 +127,8 @@ def test_run_path_workers_are_left_to_torch() -> None:
         (["--standalone", "--rdzv-id", "mine", "x.py"], True),
         (["x.py"], True),  # one node, default static backend: torch would go standalone too
         (["--nnodes", "2", "x.py"], False),
-        (["--master-port", "29501", "x.py"], False),
+        (["--master-port", "29501", "x.py"], True),  # torch would reuse one store across restarts
+        (["--nnodes", "2", "--master-port", "29501", "x.py"], False),
         (["--rdzv-backend", "c10d", "--rdzv-endpoint", "h:1", "x.py"], False),
     ],
 )
