@@ -111,6 +111,9 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error(
             f"--nproc-per-node {nproc!r}: expected a positive integer or auto, cpu, gpu, xpu"
         )
+    if args.module and args.no_python and not args.run_path:
+        # torch refuses this too, but only after the worker bootstrap has rewritten the command.
+        parser.error("-m and --no-python cannot be used together: pick a module or a program")
     if args.module:
         return
     script = args.training_script

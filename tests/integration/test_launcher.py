@@ -277,6 +277,7 @@ def test_sigterm_reaches_workers_within_the_grace_period(
             "training script 'does/not/exist.py' does not exist",
         ),
         (["--nproc-per-node", "two", "x.py"], "--nproc-per-node 'two'"),
+        (["-m", "--no-python", "x"], "-m and --no-python cannot be used together"),
         (
             ["--rdzv-backend", "k8s", "--rdzv-endpoint", "train", "--nnodes", "2", str(PROBE)],
             "TRAINKIT_JOB_TOKEN is not set",
