@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -31,6 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tests.integration.podnet import PodNet, netns_unavailable_reason  # noqa: E402
+
+JOB_TOKEN = secrets.token_hex(32)
 
 AGENT = """import json, os, socket, sys, time
 from torch.distributed.elastic.rendezvous import RendezvousParameters
@@ -90,7 +93,8 @@ def rendezvous_rounds(pods: list, agent: Path, repeats: int) -> dict[str, list[f
         for k, v in os.environ.items()
         if not k.startswith(("PET_", "TORCHELASTIC_", "TRAINKIT_"))
     }
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    # The k8s backend signs its state with the job token (c10d ignores it); one per benchmark run.
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TRAINKIT_JOB_TOKEN=JOB_TOKEN)
     processes = [
         pod.spawn(
             [sys.executable, str(agent), pod.ip, str(len(pods)), str(control)],
@@ -149,7 +153,9 @@ def launch_world(
         for k, v in os.environ.items()
         if not k.startswith(("PET_", "TORCHELASTIC_", "TRAINKIT_"))
     }
-    env.update(OUT_DIR=str(out), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env.update(
+        OUT_DIR=str(out), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TRAINKIT_JOB_TOKEN=JOB_TOKEN
+    )
     endpoint = "train:29400" if backend == "k8s" else f"{pods[0].ip}:29400"
     common = [
         "--nnodes",

@@ -29,9 +29,18 @@ from trainkit.preemption import (
     read_grace_period_s,
 )
 
-__all__ = ["build_parser", "explicit_options", "main", "resolve_exit_code"]
+__all__ = [
+    "bind_workers_to_launcher",
+    "build_parser",
+    "explicit_options",
+    "main",
+    "resolve_exit_code",
+]
 
 logger = logging.getLogger("trainkit.run")
+
+#: torch's switch for the agent store it shares with workers across restarts (see ``run``).
+SHARED_STORE_VARIABLE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="serve the pod's Prometheus /metrics on this port, 0 to disable (default: "
         "TRAINKIT_METRICS_PORT, else 9400 inside a Kubernetes pod and off elsewhere)",
+    )
+    pod.add_argument(
+        "--metrics-host",
+        default=None,
+        help="address /metrics listens on (default: TRAINKIT_METRICS_HOST, else the pod IP in a "
+        "pod and 127.0.0.1 elsewhere; 0.0.0.0 for every interface)",
     )
     return parser
 
@@ -105,6 +120,9 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error(
             f"--nproc-per-node {nproc!r}: expected a positive integer or auto, cpu, gpu, xpu"
         )
+    if args.module and args.no_python and not args.run_path:
+        # torch refuses this too, but only after the worker bootstrap has rewritten the command.
+        parser.error("-m and --no-python cannot be used together: pick a module or a program")
     if args.module:
         return
     script = args.training_script
@@ -143,6 +161,30 @@ def apply_trainkit_defaults(
             args.shutdown_timeout = grace
             notes.append(f"--shutdown-timeout {grace} (from {GRACE_PERIOD_VARIABLE})")
     return notes
+
+
+def bind_workers_to_launcher(args: argparse.Namespace, launcher_pid: int) -> None:
+    """Start every worker through ``launchers.worker_bootstrap`` so it dies with this launcher.
+
+    A SIGKILLed launcher otherwise leaves its workers running (each in its own session), holding
+    GPUs and writing into the checkpoint root of the job that replaces it. ``--run-path`` workers
+    are forked by multiprocessing, not started as a command, and stay as torch starts them.
+    """
+    from launchers.worker_bootstrap import bootstrap_argv
+
+    if args.run_path:
+        return
+    if args.no_python:
+        mode = "exec"
+    elif args.module:
+        mode = "module"
+    else:
+        mode = "script"
+    args.training_script_args = bootstrap_argv(
+        launcher_pid, mode, args.training_script, args.training_script_args
+    )
+    args.training_script = "launchers.worker_bootstrap"
+    args.module, args.no_python = True, False
 
 
 def resolve_exit_code(
@@ -202,10 +244,13 @@ def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None)
     """Parse ``argv`` like torchrun, launch through torch.distributed.elastic, return the exit code."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, get_error_handler
+    from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.run import determine_local_world_size
     from torch.distributed.run import run as torch_run
 
+    from launchers.standalone import use_standalone_rendezvous
     from trainkit.comms import CommsPlanError, apply_plan
+    from trainkit.k8s.signed_state import require_job_token
     from trainkit.metrics.exporter import start_pod_exporter
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -216,6 +261,15 @@ def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None)
     explicit = explicit_options(parser, argv, env)
     for note in apply_trainkit_defaults(parser, args, explicit, env):
         print(f"trainkit-run: {note}", file=sys.stderr, flush=True)
+
+    if args.rdzv_backend == "k8s":
+        try:
+            require_job_token(env)  # before any pod waits on DNS for a launcher that cannot start
+        except ValueError as error:
+            print(f"trainkit-run: {error}", file=sys.stderr, flush=True)
+            return 2
+    use_standalone_rendezvous(args)
+    bind_workers_to_launcher(args, os.getpid())
 
     # Workers inherit this process's environment: the comms plan, the metrics directory and the
     # exit-status directory reach them that way, exactly as torchrun passes its own variables.
@@ -234,13 +288,17 @@ def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None)
         )
 
     try:
-        exporter = start_pod_exporter(args.metrics_port, env)
+        exporter = start_pod_exporter(args.metrics_port, env, host_flag=args.metrics_host)
     except (OSError, ValueError) as error:
         print(f"trainkit-run: {error}", file=sys.stderr, flush=True)
         return 2
     if exporter is not None:
         os.environ.update(exporter.worker_env())
 
+    # torch's shared agent store outlives a worker-group restart, so a script that calls
+    # init_process_group itself can read the previous attempt's gloo addresses and fail or hang.
+    # Without sharing, every rendezvous round hands workers a fresh store; an explicit value wins.
+    os.environ.setdefault(SHARED_STORE_VARIABLE, "1")
     get_error_handler().initialize()
     status_dir = Path(tempfile.mkdtemp(prefix="trainkit-exit-"))
     os.environ[EXIT_STATUS_DIR_VARIABLE] = str(status_dir)
@@ -249,7 +307,17 @@ def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None)
         return 0
     except ChildFailedError as error:
         return _summarise_failure(error)
+    except RendezvousError as error:
+        print(
+            f"trainkit-run: rendezvous failed ({type(error).__name__}): {error}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
     except SignalException as error:
+        # torch's handler is still installed: a second signal would raise again during cleanup.
+        for name in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
         return _exit_after_signal(
             error.sigval, status_dir, determine_local_world_size(args.nproc_per_node)
         )

@@ -7,8 +7,16 @@ import argparse
 import pytest
 from torch.distributed.run import get_args_parser
 
-from launchers.run import apply_trainkit_defaults, build_parser, explicit_options, resolve_exit_code
+from launchers.run import (
+    apply_trainkit_defaults,
+    bind_workers_to_launcher,
+    build_parser,
+    explicit_options,
+    resolve_exit_code,
+)
+from launchers.standalone import BACKEND_NAME, use_standalone_rendezvous
 from trainkit.exit_codes import EXIT_PREEMPTED
+from trainkit.preemption import ExitRecord
 
 
 def torch_options() -> list[argparse.Action]:
@@ -42,7 +50,11 @@ def test_every_torchrun_option_parses_the_same(action: argparse.Action) -> None:
     expected = vars(get_args_parser().parse_args(argv))
     ours = vars(build_parser().parse_args(argv))
     assert {name: ours[name] for name in expected} == expected
-    assert set(ours) - set(expected) == {"service", "metrics_port"}  # trainkit's own options
+    assert set(ours) - set(expected) == {
+        "service",
+        "metrics_port",
+        "metrics_host",
+    }  # trainkit's own options
 
 
 def test_pet_variables_take_precedence_over_defaults_but_not_flags(
@@ -84,6 +96,60 @@ def test_shutdown_timeout_defaults_from_the_grace_period(
 
 def test_exit_code_resolution() -> None:
     assert resolve_exit_code({0: 3, 1: 4}, first_rank=1) == 1
-    assert resolve_exit_code({0: EXIT_PREEMPTED, 1: EXIT_PREEMPTED}, first_rank=0) == EXIT_PREEMPTED
-    assert resolve_exit_code({0: EXIT_PREEMPTED, 1: -9}, first_rank=0) == EXIT_PREEMPTED
+    agreed = ExitRecord(EXIT_PREEMPTED, step=20, committed=True)
+    both = {0: EXIT_PREEMPTED, 1: EXIT_PREEMPTED}
+    assert resolve_exit_code(both, first_rank=0, records={0: agreed, 1: agreed}) == EXIT_PREEMPTED
+    assert resolve_exit_code(both, first_rank=0) == 1  # 75 without an agreed save is a crash
+    assert resolve_exit_code({0: EXIT_PREEMPTED, 1: -9}, first_rank=0, records={0: agreed}) == 1
     assert resolve_exit_code({0: -9, 1: EXIT_PREEMPTED}, first_rank=0) == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "mode", "target"),
+    [
+        (["train.py", "--lr", "1"], "script", "train.py"),
+        (["-m", "pkg.train", "--lr", "1"], "module", "pkg.train"),
+        (["--no-python", "prog", "--lr", "1"], "exec", "prog"),
+    ],
+)
+def test_workers_start_through_the_bootstrap(argv: list[str], mode: str, target: str) -> None:
+    args = build_parser().parse_args(argv)
+    bind_workers_to_launcher(args, 4242)
+    assert (args.module, args.no_python, args.training_script) == (
+        True,
+        False,
+        "launchers.worker_bootstrap",
+    )
+    assert args.training_script_args == ["4242", mode, target, "--lr", "1"]
+
+
+def test_run_path_workers_are_left_to_torch() -> None:
+    args = build_parser().parse_args(["--run-path", "train.py"])
+    bind_workers_to_launcher(args, 4242)
+    assert (args.training_script, args.training_script_args) == ("train.py", [])
+
+
+@pytest.mark.parametrize(
+    ("argv", "replaced"),
+    [
+        (["--standalone", "--rdzv-id", "mine", "x.py"], True),
+        (["x.py"], True),  # one node, default static backend: torch would go standalone too
+        (["--nnodes", "2", "x.py"], False),
+        (["--master-port", "29501", "x.py"], True),  # torch would reuse one store across restarts
+        (["--nnodes", "2", "--master-port", "29501", "x.py"], False),
+        (["--rdzv-backend", "c10d", "--rdzv-endpoint", "h:1", "x.py"], False),
+    ],
+)
+def test_local_rendezvous_is_trainkits_loopback_backend(argv: list[str], replaced: bool) -> None:
+    args = build_parser().parse_args(argv)
+    before = (args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id)
+    assert use_standalone_rendezvous(args) is replaced
+    if replaced:
+        assert (args.standalone, args.rdzv_backend, args.rdzv_endpoint) == (
+            False,
+            BACKEND_NAME,
+            "localhost:0",
+        )
+        assert args.rdzv_id not in {"none", "mine"}  # a fresh random id, as torchrun gives
+    else:
+        assert (args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id) == before

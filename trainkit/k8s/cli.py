@@ -1,12 +1,14 @@
 """``trainkit rdzv-store``: the rendezvous store in its own small pod, so no training pod is special.
 
-Runs torch's own TCPStore server until SIGTERM/SIGINT; training pods reach it through a Service and
-``--rdzv-conf store_service=<service>``. It keeps no state on disk and never touches training data.
+Runs torch's own TCPStore server, listening on the pod IP only, until SIGTERM/SIGINT; training pods
+reach it through a Service and ``--rdzv-conf store_service=<service>`` and sign the state they keep
+in it. It keeps no state on disk, never unpickles anything and never touches training data.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -33,14 +35,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"port to listen on (default {DEFAULT_RDZV_PORT})",
     )
     parser.add_argument(
-        "--host", default="::", help="address to bind (default ::, all IPv4 and IPv6 addresses)"
+        "--host",
+        default=None,
+        help="address to listen on (default: POD_IP, the pod's own address from the downward API; "
+        "without it every address, as torch's own store)",
     )
     parser.set_defaults(func=run_store)
 
 
 def run_store(args: argparse.Namespace) -> int:
     """Serve until SIGTERM or SIGINT; returns the exit code."""
-    from torch.distributed import TCPStore
+    from trainkit.k8s.bound_store import listening_tcp_store
 
     if not 0 < args.port < 65536:
         print(f"trainkit rdzv-store: --port {args.port} must be in 1..65535", file=sys.stderr)
@@ -48,22 +53,25 @@ def run_store(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    try:
-        store = TCPStore(
-            args.host,
-            args.port,
-            is_master=True,
-            multi_tenant=True,
-            wait_for_workers=False,
-            timeout=timedelta(seconds=60),
-        )
-    except (RuntimeError, ValueError) as error:
+    host = args.host or os.environ.get("POD_IP", "").strip()
+    if not host:
+        host = "::"
         print(
-            f"trainkit rdzv-store: cannot listen on port {args.port}: {error}; pick a free --port",
+            "trainkit rdzv-store: no --host and no POD_IP: listening on every address; set POD_IP "
+            "from the downward API (status.podIP) to listen on the pod IP only",
+            file=sys.stderr,
+            flush=True,
+        )
+    try:
+        store = listening_tcp_store(host, args.port, timeout=timedelta(seconds=60))
+    except (OSError, RuntimeError, ValueError) as error:
+        print(
+            f"trainkit rdzv-store: cannot listen on {host} port {args.port}: {error}; pick a free "
+            "--port and an address of this pod for --host",
             file=sys.stderr,
         )
         return 1
-    print(f"trainkit rdzv-store: listening on port {store.port}", flush=True)
+    print(f"trainkit rdzv-store: listening on {host} port {store.port}", flush=True)
     stop.wait()
     print("trainkit rdzv-store: stopping", flush=True)
     return 0

@@ -1,8 +1,9 @@
 """The ``k8s`` rendezvous backend for torch.distributed.elastic: peers found through a headless Service.
 
-Membership, heartbeats and rounds are torch's dynamic (c10d) rendezvous; this module only decides
-where its store lives (found through DNS) and orders node ranks by pod ordinal. It never runs a
-scheduler or supervises processes; torchrun loads it through the ``torchrun.handlers`` entry point.
+Membership, heartbeats and rounds are torch's dynamic (c10d) rendezvous; this module decides where
+its store lives (found through DNS), binds it to the pod IP, signs its state with the job token
+(``trainkit.k8s.signed_state``) and orders node ranks by pod ordinal. It never runs a scheduler or
+supervises processes; torchrun loads it through the ``torchrun.handlers`` entry point.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from trainkit.env_vars import DEFAULT_RDZV_PORT
+from trainkit.k8s.bound_store import listening_tcp_store
 from trainkit.k8s.dns import (
     DiscoveryError,
     Resolver,
@@ -44,6 +46,7 @@ __all__ = [
     "handler_factory",
     "locate_store",
     "order_by_ordinal",
+    "wrap_dynamic_handler",
 ]
 
 logger = logging.getLogger("trainkit.k8s.rendezvous")
@@ -264,7 +267,7 @@ def order_by_ordinal(
 
 
 def _make_handler_class() -> type:
-    from torch.distributed import PrefixStore, TCPStore
+    from torch.distributed import PrefixStore
     from torch.distributed.elastic.rendezvous import (
         RendezvousHandler,
         RendezvousInfo,
@@ -282,16 +285,18 @@ def _make_handler_class() -> type:
             pod_ip: str,
             static_num_nodes: int | None,
             store: Store,
+            backend_name: str,
         ) -> None:
             self._inner = inner
+            self._backend_name = backend_name
             self._identity = identity
             self._pod_ip = pod_ip
             self._static_num_nodes = static_num_nodes
             self._store = store  # keeps the rendezvous store (or the connection to it) alive
-            self._bootstrap_server: TCPStore | None = None
+            self._bootstrap_server: Store | None = None
 
         def get_backend(self) -> str:
-            return "k8s"
+            return self._backend_name
 
         @property
         def use_agent_store(self) -> bool:
@@ -330,13 +335,13 @@ def _make_handler_class() -> type:
             if rank == 0:
                 # Workers expect a fresh store each round (torch adds no per-attempt key prefix), so
                 # stale keys of the previous round's workers can never be read.
-                self._bootstrap_server = TCPStore(
-                    self._pod_ip, 0, is_master=True, multi_tenant=True, wait_for_workers=False
-                )
+                # Listening on the pod IP only: torch's own store would bind every address.
+                self._bootstrap_server = listening_tcp_store(self._pod_ip, 0)
                 store.set("bootstrap", json.dumps([self._pod_ip, self._bootstrap_server.port]))
             master_addr, master_port = json.loads(store.get("bootstrap"))
             logger.info(
-                "k8s rendezvous: pod %s (ordinal %s) is node %d of %d; workers' store %s",
+                "%s rendezvous: pod %s (ordinal %s) is node %d of %d; workers' store %s",
+                self._backend_name,
                 self._identity.hostname,
                 self._identity.ordinal,
                 rank,
@@ -365,21 +370,64 @@ def _make_handler_class() -> type:
     return K8sRendezvousHandler
 
 
+def wrap_dynamic_handler(
+    params: RendezvousParameters,
+    store: Store,
+    *,
+    key: bytes | None,
+    identity: PodIdentity,
+    advertise_addr: str,
+    static_num_nodes: int | None,
+    backend_name: str,
+) -> RendezvousHandler:
+    """torch's dynamic rendezvous on ``store``, its state signed with ``key`` (None: unsigned).
+
+    Node ranks follow pod ordinals and node rank 0 serves each round's workers a fresh store that
+    listens on ``advertise_addr`` only.
+    """
+    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
+    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
+
+    from trainkit.k8s.signed_state import SignedRendezvousBackend
+
+    backend = C10dRendezvousBackend(store, params.run_id)
+    if key is not None:
+        backend = SignedRendezvousBackend(  # type: ignore[assignment]
+            backend, key=key, store_key=f"torch.rendezvous.{params.run_id}"
+        )
+    params.local_addr = advertise_addr
+    inner = create_handler(store, backend, params)
+    return _make_handler_class()(
+        inner,
+        identity=identity,
+        pod_ip=advertise_addr,
+        static_num_nodes=static_num_nodes,
+        store=store,
+        backend_name=backend_name,
+    )
+
+
 def create_k8s_handler(
     params: RendezvousParameters,
     *,
     identity: PodIdentity | None = None,
     resolver: Resolver | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> RendezvousHandler:
-    """Build the ``k8s`` handler from torchrun's rendezvous parameters (see ``K8sRendezvousConfig``)."""
+    """Build the ``k8s`` handler from torchrun's rendezvous parameters (see ``K8sRendezvousConfig``).
+
+    Needs ``TRAINKIT_JOB_TOKEN`` in ``env`` (default ``os.environ``) unless
+    ``TRAINKIT_RDZV_ALLOW_UNAUTHENTICATED=1``; the store this pod hosts listens on its pod IP only.
+    """
     from torch.distributed import TCPStore
     from torch.distributed.elastic.rendezvous import (
         RendezvousConnectionError,
         RendezvousTimeoutError,
     )
-    from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
-    from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
 
+    from trainkit.k8s.signed_state import require_job_token
+
+    env = os.environ if env is None else env
     identity = identity or read_pod_identity()
     config = K8sRendezvousConfig.from_params(params, identity)
     max_attempts = params.get_as_int("keep_alive_max_attempt", 3)
@@ -399,6 +447,7 @@ def create_k8s_handler(
                 f"{params.max_nodes}; a static world needs ordinals 0..{params.max_nodes - 1} (raise "
                 "--nnodes or use MIN:MAX for an elastic world)"
             )
+    key = require_job_token(env)
     pod_ip = params.local_addr or own_address(identity, config.ip_family)
     started = time.monotonic()
     try:
@@ -413,29 +462,26 @@ def create_k8s_handler(
         "hosted here" if is_host else "remote",
         time.monotonic() - started,
     )
+    timeout = timedelta(seconds=config.read_timeout_s)
     try:
-        store = TCPStore(
-            host,
-            config.port,
-            is_master=is_host,
-            multi_tenant=True,
-            timeout=timedelta(seconds=config.read_timeout_s),
-        )
-    except (RuntimeError, ValueError, TimeoutError) as error:
+        if is_host:
+            store = listening_tcp_store(host, config.port, timeout=timeout)
+        else:
+            store = TCPStore(host, config.port, multi_tenant=True, timeout=timeout)
+    except (OSError, RuntimeError, ValueError, TimeoutError) as error:
         raise RendezvousConnectionError(
             f"k8s rendezvous: cannot {'listen on' if is_host else 'connect to'} the store at "
             f"{format_host_port(host, config.port)}: {error}; check the port is free and not blocked by a "
             "NetworkPolicy"
         ) from error
-    params.local_addr = pod_ip
-    inner = create_handler(store, C10dRendezvousBackend(store, params.run_id), params)
-    handler_class = _make_handler_class()
-    return handler_class(
-        inner,
+    return wrap_dynamic_handler(
+        params,
+        store,
+        key=key,
         identity=identity,
-        pod_ip=pod_ip,
+        advertise_addr=pod_ip,
         static_num_nodes=params.max_nodes if static else None,
-        store=store,
+        backend_name="k8s",
     )
 
 

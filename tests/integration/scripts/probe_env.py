@@ -1,5 +1,9 @@
-"""Worker probe: write this worker's environment and World to <outdir>/rank-<RANK>.json, optionally fail."""
+"""Worker probe: write this worker's environment, World, argv and sys.path[0] to <outdir>/rank-<RANK>.json.
 
+Modes: ok, fail-once, fail-always, sleep (writes its pid to ready-<RANK>, records SIGTERM).
+"""
+
+import ctypes
 import json
 import os
 import signal
@@ -20,17 +24,31 @@ if mode == "sleep":
         code = int(os.environ.get("PROBE_TERM_EXIT", "0")) or 128 + signum
         from trainkit.exit_codes import record_worker_exit
 
-        record_worker_exit(code)
+        record_worker_exit(code, step=0, committed=code == 75)
         sys.exit(code)
 
     signal.signal(signal.SIGTERM, on_term)
-    (outdir / f"ready-{rank}").write_text("1")
+    (outdir / f"ready-{rank}").write_text(str(os.getpid()))
     time.sleep(120)
     sys.exit(0)
 
 from trainkit.world import World  # noqa: E402
 
-record = {"env": dict(os.environ), "world": World.from_env().as_dict()}
+
+def parent_death_signal() -> int:
+    signum = ctypes.c_int(0)
+    ctypes.CDLL(None).prctl(2, ctypes.byref(signum), 0, 0, 0)  # PR_GET_PDEATHSIG
+    return signum.value
+
+
+record = {
+    "env": dict(os.environ),
+    "world": World.from_env().as_dict(),
+    "argv": sys.argv,
+    "path0": sys.path[0],
+    "name": __name__,
+    "parent_death_signal": parent_death_signal(),
+}
 (outdir / f"rank-{rank}-restart-{restart}.json").write_text(json.dumps(record))
 if mode == "fail-once" and rank == "1" and restart == 0:
     sys.exit(3)

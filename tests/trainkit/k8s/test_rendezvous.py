@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import socket
+from datetime import timedelta
+
 import pytest
+from torch.distributed import TCPStore
 from torch.distributed.elastic.rendezvous import RendezvousParameters
 
 from trainkit.k8s.dns import Answer, DiscoveryError, DiscoveryTimeoutError
@@ -16,6 +21,7 @@ from trainkit.k8s.rendezvous import (
 )
 
 SERVICE = "train.default.svc.cluster.local"
+TOKEN_ENV = {"TRAINKIT_JOB_TOKEN": "0123456789abcdef0123"}
 
 
 def pod(number: int, **overrides: object) -> PodIdentity:
@@ -172,8 +178,10 @@ def test_store_pod_service_is_used_when_configured() -> None:
     assert found == ("fd00::5", False)
 
 
-def params(endpoint: str, nnodes: tuple[int, int], **conf: object) -> RendezvousParameters:
-    return RendezvousParameters("k8s", endpoint, "job", nnodes[0], nnodes[1], **conf)
+def params(
+    endpoint: str, nnodes: tuple[int, int], run_id: str = "job", **conf: object
+) -> RendezvousParameters:
+    return RendezvousParameters("k8s", endpoint, run_id, nnodes[0], nnodes[1], **conf)
 
 
 def test_config_from_endpoint_and_rdzv_conf() -> None:
@@ -220,6 +228,50 @@ def test_discovery_errors_are_rendezvous_timeouts() -> None:
 
     with pytest.raises(RendezvousTimeoutError, match="not found in DNS within 1 s"):
         create_k8s_handler(
-            params("train", (2, 2), join_timeout=1), identity=pod(1), resolver=TableResolver({})
+            params("train", (2, 2), join_timeout=1),
+            identity=pod(1),
+            resolver=TableResolver({}),
+            env=TOKEN_ENV,
         )
     assert issubclass(DiscoveryTimeoutError, DiscoveryError)
+
+
+def test_handler_needs_a_job_token_before_any_discovery() -> None:
+    with pytest.raises(ValueError, match="TRAINKIT_JOB_TOKEN is not set"):
+        create_k8s_handler(params("train", (2, 2)), identity=pod(1), env={})
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def refused(address: str, port: int) -> bool:
+    try:
+        socket.create_connection((address, port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def test_world_of_one_forms_on_stores_bound_to_the_pod_ip_with_signed_state() -> None:
+    # 127.0.0.2 is this machine too: a store listening on every address would accept there.
+    port = free_port()
+    handler = create_k8s_handler(
+        params(f"train:{port}", (1, 1), run_id="signed1", join_timeout=30),
+        identity=pod(0, pod_ip="127.0.0.1"),
+        resolver=TableResolver({}),
+        env=TOKEN_ENV,
+    )
+    try:
+        assert refused("127.0.0.2", port) and not refused("127.0.0.1", port)
+        info = handler.next_rendezvous()
+        assert (info.rank, info.world_size) == (0, 1)
+        workers_port = info.bootstrap_store_info.master_port
+        assert info.bootstrap_store_info.master_addr == "127.0.0.1"
+        assert refused("127.0.0.2", workers_port) and not refused("127.0.0.1", workers_port)
+        raw = TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=10))
+        assert base64.b64decode(raw.get("torch.rendezvous.signed1")).startswith(b"TKRS1")
+    finally:
+        handler.shutdown()

@@ -1,0 +1,85 @@
+"""Worker bootstrap of ``trainkit-run``: bind each worker's life to its launcher, then run the target.
+
+``python -m launchers.worker_bootstrap <launcher pid> script|module|exec <target> [args...]`` asks
+Linux to SIGKILL this process when the launcher dies, then runs the target exactly as torchrun
+would (``__main__``, the same argv, sys.path and environment). It never imports torch or trainkit.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import runpy
+import signal
+import sys
+from collections.abc import Sequence
+
+__all__ = ["MODES", "bootstrap_argv", "die_with_parent", "main"]
+
+#: How the target runs: a script path (``python script.py``), a module (``python -m``) or a program.
+MODES = ("script", "module", "exec")
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def bootstrap_argv(
+    launcher_pid: int, mode: str, target: str, target_args: Sequence[str]
+) -> list[str]:
+    """Arguments after ``python -m launchers.worker_bootstrap`` that run ``target`` in ``mode``."""
+    if mode not in MODES:
+        raise ValueError(f"worker bootstrap: mode {mode!r}; expected one of {', '.join(MODES)}")
+    return [str(launcher_pid), mode, target, *target_args]
+
+
+def die_with_parent(expected_parent_pid: int) -> bool:
+    """SIGKILL this process when its parent exits; False where Linux's prctl is unavailable.
+
+    The signal is armed after fork, so a launcher that died in between would be missed: the parent
+    pid is compared afterwards and a changed one means it is already gone, so die now.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"prctl(PR_SET_PDEATHSIG): {os.strerror(error)}")
+    if os.getppid() != expected_parent_pid:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return True
+
+
+def _run_script(path: str, args: Sequence[str]) -> None:
+    # What `python path` does: argv[0] is the path as given, sys.path[0] the script's real directory.
+    sys.argv = [path, *args]
+    if not sys.flags.safe_path:
+        sys.path[0] = os.path.dirname(os.path.realpath(path))
+    runpy.run_path(path, run_name="__main__")
+
+
+def _run_module(name: str, args: Sequence[str]) -> None:
+    # `python -m` already put the working directory first on sys.path; alter_sys sets argv[0] to
+    # the module's file and runs it as a fresh __main__ module, as the interpreter's own -m does.
+    sys.argv = [name, *args]
+    runpy.run_module(name, run_name="__main__", alter_sys=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) < 3 or argv[1] not in MODES or not argv[0].isdigit():
+        raise SystemExit(
+            "usage: python -m launchers.worker_bootstrap <launcher pid> script|module|exec <target> "
+            "[args...] (trainkit-run starts workers this way; run your script directly instead)"
+        )
+    launcher_pid, mode, target, target_args = int(argv[0]), argv[1], argv[2], argv[3:]
+    die_with_parent(launcher_pid)
+    if mode == "exec":
+        # The death signal survives execve, so the program stays bound to the launcher.
+        os.execvp(target, [target, *target_args])
+    elif mode == "module":
+        _run_module(target, target_args)
+    else:
+        _run_script(target, target_args)
+
+
+if __name__ == "__main__":
+    main()
