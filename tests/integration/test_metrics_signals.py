@@ -57,9 +57,10 @@ def test_two_quick_sigterms_leave_no_metrics_directory(tmp_path: Path) -> None:
         os.kill(process.pid, signal.SIGTERM)
         time.sleep(0.05)
         os.kill(process.pid, signal.SIGTERM)
-        process.wait(timeout=60)
+        returncode = process.wait(timeout=60)
         log = (tmp_path / "launcher.log").read_text()[-3000:]
         assert not directory.exists(), f"{directory} outlived the launcher\n{log}"
+        assert returncode == 128 + signal.SIGTERM and "Traceback" not in log, log
     finally:
         kill_job(process)
 
