@@ -2,6 +2,8 @@
 
 Reads only local files (sysfs, /proc, /dev, the downward-API annotations file) under injectable
 paths, so the same code runs against fixture trees; it never opens a socket or changes anything.
+Past 500 lines on purpose: one reader per kind of fact (HCA, port, GID table, netdev, GPU, limit,
+library), each short, all sharing the path roots; split, they would only pass those roots around.
 """
 
 from __future__ import annotations
