@@ -134,6 +134,8 @@ OWNED_ELSEWHERE = {
     "TRAINKIT_METRICS_ADDR": "trainkit/metrics/",
     "TRAINKIT_METRICS_DIR": "trainkit/metrics/",
     "TRAINKIT_METRICS_HOST": "trainkit/metrics/",
+    "TRAINKIT_JOB_TOKEN": "trainkit/k8s/signed_state.py",
+    "TRAINKIT_RDZV_ALLOW_UNAUTHENTICATED": "trainkit/k8s/signed_state.py",
 }
 
 
