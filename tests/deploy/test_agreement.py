@@ -38,10 +38,6 @@ DOWNWARD_API = {
     "POD_IP": "status.podIP",
     "NODE_NAME": "spec.nodeName",
 }
-# Being added with the rendezvous job token; the lead reconciles the name at merge.
-PENDING_VARIABLES = {"TRAINKIT_JOB_TOKEN"}
-
-
 @pytest.fixture(scope="module", params=OVERLAYS, ids=lambda p: p.relative_to(K8S).as_posix())
 def rendered(request: pytest.FixtureRequest) -> list[dict]:
     return render(request.param)
@@ -197,8 +193,6 @@ def test_downward_api_and_known_variables(rendered: list[dict]) -> None:
         for name, field in DOWNWARD_API.items():
             assert env[name] == {"fieldRef": {"fieldPath": field}}, name
         for name in env:
-            if name in PENDING_VARIABLES:
-                continue
             assert f'"{name}"' in code, (
                 f"{name} is set in the manifests but read nowhere in the code"
             )
