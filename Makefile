@@ -56,12 +56,22 @@ IMAGE_VARIANT ?= cpu
 IMAGE ?= localhost/trainkit:$(IMAGE_VARIANT)
 IMAGE_BUILDER ?= buildah
 
-.PHONY: image image-context manifests
+.PHONY: image image-deps image-clean image-context manifests
 
-image: venv
+# buildah and debootstrap from Debian's packages, when run as root and missing.
+image-deps:
+	@$(MAKE) --no-print-directory system-deps SYSTEM_PACKAGES="buildah debootstrap"
+
+image: venv image-deps
 	@if [ "$(IMAGE_VARIANT)" = cpu ] && [ -z "$(BASE_IMAGE)" ]; then deploy/image/debian-base.sh; fi
 	VARIANT=$(IMAGE_VARIANT) IMAGE=$(IMAGE) BUILDER=$(IMAGE_BUILDER) PYTHON=$(BIN)/python deploy/image/build.sh
 	@if [ "$(IMAGE_BUILDER)" = buildah ]; then deploy/image/check.sh $(IMAGE); fi
+
+# Remove what `make image` left: the image, its Debian base and the build context.
+image-clean:
+	-buildah --storage-driver vfs rmi --force $(IMAGE) localhost/debian:bookworm >/dev/null 2>&1
+	-buildah --storage-driver vfs rmi --prune >/dev/null 2>&1
+	rm -rf deploy/.build
 
 # The build context alone (deploy/.build/context), for docker/podman/buildah by hand.
 image-context: venv
