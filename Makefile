@@ -58,9 +58,15 @@ IMAGE_BUILDER ?= buildah
 
 .PHONY: image image-deps image-clean image-context manifests
 
-# buildah and debootstrap from Debian's packages, when run as root and missing.
+# buildah (with what Debian recommends beside it) and debootstrap, when run as root and missing.
+IMAGE_PACKAGES ?= buildah debootstrap
 image-deps:
-	@$(MAKE) --no-print-directory system-deps SYSTEM_PACKAGES="buildah debootstrap"
+	@missing=""; \
+	for pkg in $(IMAGE_PACKAGES); do dpkg -s $$pkg >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
 image: venv image-deps
 	@if [ "$(IMAGE_VARIANT)" = cpu ] && [ -z "$(BASE_IMAGE)" ]; then deploy/image/debian-base.sh; fi
