@@ -21,10 +21,12 @@ from launchers.ray.env import forwarded_variables
 from launchers.run import resolve_exit_code
 from trainkit.exit_codes import EXIT_PREEMPTED, describe_exit_code, read_grace_period_s
 
-__all__ = ["DEFAULT_GRACE_PERIOD_S", "LaunchResult", "launch"]
+__all__ = ["DEFAULT_GRACE_PERIOD_S", "DEFAULT_START_TIMEOUT_S", "LaunchResult", "launch"]
 
 #: Seconds from the stop request to SIGKILL when neither the caller nor TRAINKIT_GRACE_PERIOD_S says.
 DEFAULT_GRACE_PERIOD_S = 30.0
+#: Seconds to wait for Ray to place the first worker group before giving up with the numbers.
+DEFAULT_START_TIMEOUT_S = 600.0
 # After the grace period, how long the driver still waits for Ray Train to wind the run down.
 _WIND_DOWN_S = 30.0
 
@@ -52,6 +54,7 @@ def _validate(
     num_workers: int,
     max_restarts: int,
     grace_period_s: float | None,
+    start_timeout_s: float,
     resources_per_worker: Mapping[str, float] | None,
 ) -> None:
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
@@ -60,6 +63,8 @@ def _validate(
         raise ValueError(f"max_restarts={max_restarts!r}: must be a whole number of 0 or more")
     if grace_period_s is not None and grace_period_s < 0:
         raise ValueError(f"grace_period_s={grace_period_s!r}: must be 0 or more seconds")
+    if not start_timeout_s > 0:
+        raise ValueError(f"start_timeout_s={start_timeout_s!r}: must be more than 0 seconds")
     for name, amount in (resources_per_worker or {}).items():
         if not isinstance(amount, int | float) or isinstance(amount, bool) or amount < 0:
             raise ValueError(
@@ -91,9 +96,22 @@ def _target_spec(
     return {"kind": "module" if module else "script", "name": path, "args": [str(a) for a in args]}
 
 
-def _wait(thread: threading.Thread, control: Any, grace_period_s: float) -> int | None:
-    """Wait for the run; on SIGTERM/SIGINT ask the workers to stop. Returns the signal, if any."""
+class StartTimeoutError(RuntimeError):
+    """Ray did not place the worker group in time (the cluster is too small or busy)."""
+
+
+def _wait(
+    thread: threading.Thread, control: Any, grace_period_s: float, start_timeout_s: float
+) -> int | None:
+    """Wait for the run; on SIGTERM/SIGINT ask the workers to stop. Returns the signal, if any.
+
+    Raises ``StartTimeoutError`` when no worker group started within ``start_timeout_s``: Ray
+    waits for resources forever on a cluster without an autoscaler configuration.
+    """
+    import ray
+
     received: list[int] = []
+    start_by: float | None = time.monotonic() + start_timeout_s
 
     def on_signal(signum: int, frame: object) -> None:
         if not received:
@@ -117,6 +135,11 @@ def _wait(thread: threading.Thread, control: Any, grace_period_s: float) -> int 
                 deadline = time.monotonic() + grace_period_s + _WIND_DOWN_S
             if deadline is not None and time.monotonic() > deadline:
                 break
+            if start_by is not None and time.monotonic() > start_by and not received:
+                if ray.get(control.summary.remote())[0] >= 0:
+                    start_by = None
+                else:
+                    raise StartTimeoutError(f"no worker group started within {start_timeout_s:g} s")
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -139,6 +162,7 @@ def launch(
     grace_period_s: float | None = None,
     address: str | None = None,
     storage_path: str | None = None,
+    start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
 ) -> LaunchResult:
     """Run ``target`` on ``num_workers`` Ray Train workers, each with torchrun's environment.
 
@@ -160,6 +184,7 @@ def launch(
             ``TRAINKIT_GRACE_PERIOD_S``, else 30).
         address: Ray cluster address (default ``RAY_ADDRESS``, else ``auto``); ``local`` starts one.
         storage_path: Ray Train's run storage (default Ray's, ``~/ray_results``).
+        start_timeout_s: give up (exit code 1) when Ray has not placed the workers by then.
 
     Raises ``ValueError`` for bad arguments, before contacting Ray.
     """
@@ -169,6 +194,7 @@ def launch(
         num_workers=num_workers,
         max_restarts=max_restarts,
         grace_period_s=grace_period_s,
+        start_timeout_s=start_timeout_s,
         resources_per_worker=resources_per_worker,
     )
     grace_s = grace_period_s if grace_period_s is not None else read_grace_period_s()
@@ -227,13 +253,31 @@ def launch(
 
         thread = threading.Thread(target=fit, name="trainkit-ray-fit", daemon=True)
         thread.start()
-        signum = _wait(thread, control, grace_s)
+        try:
+            signum = _wait(thread, control, grace_s, start_timeout_s)
+        except StartTimeoutError as error:
+            needed = dict(resources_per_worker or {"CPU": 1, **({"GPU": 1} if use_gpu else {})})
+            message = (
+                f"{error}: {num_workers} workers x {needed} do not fit the cluster's resources "
+                f"{_rounded(ray.cluster_resources())} (free now: "
+                f"{_rounded(ray.available_resources())}); lower --num-workers or "
+                "--resources-per-worker, add nodes, or raise --start-timeout-s"
+            )
+            return LaunchResult(1, 0, message=message)
         attempt, _, exits = ray.get(control.summary.remote())
         return _result(signum, outcome, attempt, exits, num_workers, spec["kind"] == "function")
     finally:
         ray.kill(control)
         if started_ray:
             ray.shutdown()
+
+
+def _rounded(resources: Mapping[str, float]) -> dict[str, float]:
+    return {
+        name: round(amount, 2)
+        for name, amount in sorted(resources.items())
+        if name in {"CPU", "GPU", "memory"} or not name.startswith(("node:", "object_store"))
+    }
 
 
 def _result(

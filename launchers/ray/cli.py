@@ -60,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
         "TRAINKIT_GRACE_PERIOD_S, else 30)",
     )
     parser.add_argument(
+        "--start-timeout-s",
+        type=float,
+        default=600.0,
+        help="give up when Ray has not placed the workers within this many seconds (default 600)",
+    )
+    parser.add_argument(
         "--storage-path", default=None, help="Ray Train run storage (default ~/ray_results)"
     )
     parser.add_argument(
@@ -121,6 +127,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             grace_period_s=args.grace_period_s,
             address=args.address,
             storage_path=args.storage_path,
+            start_timeout_s=args.start_timeout_s,
         )
     except ValueError as error:
         parser.error(str(error))
