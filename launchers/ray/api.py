@@ -186,7 +186,10 @@ def launch(
         storage_path: Ray Train's run storage (default Ray's, ``~/ray_results``).
         start_timeout_s: give up (exit code 1) when Ray has not placed the workers by then.
 
-    Raises ``ValueError`` for bad arguments, before contacting Ray.
+    SIGTERM or SIGINT to this process (when called from the main thread) asks every training
+    process to stop: each gets SIGTERM, saves the agreed checkpoint and exits 75. Connects with
+    ``ray.init`` unless Ray is already initialised in this process. Raises ``ValueError`` for bad
+    arguments, before contacting Ray.
     """
     _validate(
         target,
