@@ -207,6 +207,12 @@ def launch(
     spec = _target_spec(target, args, kwargs or {}, module)
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a launcher never phones home
+    # The trainer, its configs and the backend hooks used here are Ray Train V2's (Ray's default).
+    if os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1") != "1":
+        raise ValueError(
+            f"RAY_TRAIN_V2_ENABLED={os.environ['RAY_TRAIN_V2_ENABLED']!r}: trainkit-ray runs on Ray "
+            "Train V2; unset the variable (or set it to 1)"
+        )
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
