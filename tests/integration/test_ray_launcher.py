@@ -233,6 +233,34 @@ def test_sigterm_saves_exits_75_and_resumes_bit_exactly(
     assert_same_training(reference, out)
 
 
+def test_sigterm_kills_workers_that_outlast_the_grace_period(
+    ray_cluster: str, tmp_path: Path
+) -> None:
+    grace_s, linger_s = 3, 120
+    args = ["--address", ray_cluster, "--num-workers", "2", "--grace-period-s", str(grace_s)]
+    process = start(
+        TRAINKIT_RAY, [*args, str(PROBE), str(tmp_path), "sleep"], PROBE_LINGER_S=str(linger_s)
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while len(list(tmp_path.glob("ready-*"))) < 2:
+            assert process.poll() is None, finish(process)[1][-4000:]
+            assert time.monotonic() < deadline, "workers never became ready"
+            time.sleep(0.1)
+        sent = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        code, output = finish(process)
+        elapsed_s = time.monotonic() - sent
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert code == 128 + signal.SIGTERM, output[-4000:]
+    assert "trainkit-ray: stopped by SIGTERM" in output
+    assert {p.name for p in tmp_path.glob("sigterm-*")} == {"sigterm-0", "sigterm-1"}
+    # Killed after the grace period, long before the workers would have finished lingering.
+    assert grace_s <= elapsed_s < linger_s, elapsed_s
+
+
 def test_failing_beyond_the_restarts_names_rank_and_exit_code(
     ray_cluster: str, tmp_path: Path
 ) -> None:
