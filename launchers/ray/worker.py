@@ -51,6 +51,9 @@ class _AttemptFacts:
 _facts: _AttemptFacts | None = None
 _store: Any = None
 _exporter: Any = None
+# The training process and its directory, while run_worker supervises them.
+_process: subprocess.Popen[bytes] | None = None
+_workdir: Path | None = None
 
 
 def _host_agent_store() -> tuple[str, int]:
@@ -85,7 +88,18 @@ def _set_facts(facts: _AttemptFacts) -> None:
 
 
 def _release() -> None:
+    """End of an attempt (success, failure or stop): nothing of it may outlive the group.
+
+    Ray Train calls this before it kills the actors; after a peer's crash this actor's training
+    process may still be blocked in a collective, and a SIGKILLed actor runs no ``finally``.
+    """
     global _store, _exporter
+    process, workdir = _process, _workdir
+    if process is not None and process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    if workdir is not None:
+        shutil.rmtree(workdir, ignore_errors=True)
     if _exporter is not None:
         _exporter.close()
     _store = _exporter = None
@@ -205,6 +219,7 @@ def _supervise(process: subprocess.Popen[bytes], control: Any, grace_period_s: f
 
 def run_worker(config: dict[str, Any]) -> None:
     """Ray Train's per-worker loop: one training process with torchrun's environment."""
+    global _process, _workdir
     import ray.train
 
     from trainkit.comms import CommsPlanError, apply_plan
@@ -225,7 +240,7 @@ def run_worker(config: dict[str, Any]) -> None:
         max_restarts=config["max_restarts"],
         run_id=config["run_id"],
     )
-    workdir = Path(tempfile.mkdtemp(prefix=f"trainkit-ray-rank{place.rank}-"))
+    workdir = _workdir = Path(tempfile.mkdtemp(prefix=f"trainkit-ray-rank{place.rank}-"))
     error_file = workdir / "error.json"
     env = {key: value for key, value in os.environ.items() if key not in _STALE_VARIABLES}
     env.update(config["forwarded"])
@@ -250,7 +265,7 @@ def run_worker(config: dict[str, Any]) -> None:
         if _stop_requested(control):
             return  # stopped before this attempt's process started: nothing to save
         cwd = config["cwd"] if os.path.isdir(config["cwd"]) else None
-        process = subprocess.Popen(
+        process = _process = subprocess.Popen(
             _command(config["target"], workdir),
             env=env,
             cwd=cwd,
