@@ -4,6 +4,6 @@ Each worker gets torchrun's environment, so ``trainkit.init()`` and the checkpoi
 features behave as under trainkit-run. Importing this package imports neither Ray nor torch.
 """
 
-from launchers.ray.api import DEFAULT_GRACE_PERIOD_S, LaunchResult, launch
+from launchers.ray.api import DEFAULT_GRACE_PERIOD_S, LaunchResult, run
 
-__all__ = ["DEFAULT_GRACE_PERIOD_S", "LaunchResult", "launch"]
+__all__ = ["DEFAULT_GRACE_PERIOD_S", "LaunchResult", "run"]

@@ -1,4 +1,4 @@
-"""``launch()``: run a training script, module or function on a Ray cluster through Ray Train.
+"""``run()``: a training script, module or function on a Ray cluster through Ray Train.
 
 The driver side only: validate, connect, start Ray Train with the trainkit backend, turn SIGTERM
 into a stop request and the workers' exits into trainkit-run's exit codes. Workers run elsewhere.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -21,7 +22,7 @@ from launchers.ray.env import forwarded_variables
 from launchers.run import resolve_exit_code
 from trainkit.exit_codes import EXIT_PREEMPTED, describe_exit_code, read_grace_period_s
 
-__all__ = ["DEFAULT_GRACE_PERIOD_S", "DEFAULT_START_TIMEOUT_S", "LaunchResult", "launch"]
+__all__ = ["DEFAULT_GRACE_PERIOD_S", "DEFAULT_START_TIMEOUT_S", "LaunchResult", "run"]
 
 #: Seconds from the stop request to SIGKILL when neither the caller nor TRAINKIT_GRACE_PERIOD_S says.
 DEFAULT_GRACE_PERIOD_S = 30.0
@@ -52,15 +53,15 @@ def _validate(
     *,
     module: bool,
     num_workers: int,
-    max_restarts: int,
+    max_failures: int,
     grace_period_s: float | None,
     start_timeout_s: float,
     resources_per_worker: Mapping[str, float] | None,
 ) -> None:
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
         raise ValueError(f"num_workers={num_workers!r}: must be a whole number of 1 or more")
-    if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
-        raise ValueError(f"max_restarts={max_restarts!r}: must be a whole number of 0 or more")
+    if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 0:
+        raise ValueError(f"max_failures={max_failures!r}: must be a whole number of 0 or more")
     if grace_period_s is not None and grace_period_s < 0:
         raise ValueError(f"grace_period_s={grace_period_s!r}: must be 0 or more seconds")
     if not start_timeout_s > 0:
@@ -146,7 +147,7 @@ def _wait(
     return received[0] if received else None
 
 
-def launch(
+def run(
     target: str | Callable[..., Any],
     args: Sequence[Any] = (),
     *,
@@ -155,14 +156,15 @@ def launch(
     module: bool = False,
     use_gpu: bool = False,
     resources_per_worker: Mapping[str, float] | None = None,
-    max_restarts: int = 0,
+    max_failures: int = 0,
     run_id: str | None = None,
     env: Mapping[str, str] | None = None,
     metrics_port: int | None = None,
     grace_period_s: float | None = None,
     address: str | None = None,
-    storage_path: str | None = None,
+    storage: str | None = None,
     start_timeout_s: float = DEFAULT_START_TIMEOUT_S,
+    connect_timeout_s: float = 10.0,
 ) -> LaunchResult:
     """Run ``target`` on ``num_workers`` Ray Train workers, each with torchrun's environment.
 
@@ -173,8 +175,9 @@ def launch(
         num_workers: training processes (Ray Train workers), one CPU each unless
             ``resources_per_worker`` or ``use_gpu`` say otherwise.
         use_gpu: one GPU per worker; workers on a node see all its GPUs, as under torchrun.
-        max_restarts: restarts of the whole group after a failure (Ray Train's ``max_failures``);
-            the restarted processes resume from their committed checkpoints.
+        max_failures: failures after which the whole group is restarted (Ray Train's
+            ``FailureConfig.max_failures``); restarted processes resume from their committed
+            checkpoints. ``TORCHELASTIC_MAX_RESTARTS`` is set to it.
         run_id: ``TORCHELASTIC_RUN_ID`` and the Ray Train run name (default: a fresh id).
         env: variables for every worker, on top of the forwarded ``TRAINKIT_*``, ``NCCL_*``,
             ``GLOO_*``, ``TORCH_*`` and ``OMP_NUM_THREADS`` of this process.
@@ -182,8 +185,11 @@ def launch(
             ``TRAINKIT_METRICS_PORT``, else 9400 inside a Kubernetes pod, else off).
         grace_period_s: seconds from a stop request (SIGTERM to this process) to SIGKILL (default
             ``TRAINKIT_GRACE_PERIOD_S``, else 30).
-        address: Ray cluster address (default ``RAY_ADDRESS``, else ``auto``); ``local`` starts one.
-        storage_path: Ray Train's run storage (default Ray's, ``~/ray_results``).
+        address: ``auto`` (default: ``RAY_ADDRESS``, else a cluster started on this machine),
+            ``host:port`` of the head, ``ray://host:port`` (Ray Client) or ``local`` (start one).
+            An address that does not answer within ``connect_timeout_s`` raises ``ConnectionError``.
+        storage: Ray Train's run storage, a path or URL every node reaches (default
+            ``~/ray_results``); the script's checkpoints go where its ``CheckpointManager`` says.
         start_timeout_s: give up (exit code 1) when Ray has not placed the workers by then.
 
     SIGTERM or SIGINT to this process (when called from the main thread) asks every training
@@ -195,7 +201,7 @@ def launch(
         target,
         module=module,
         num_workers=num_workers,
-        max_restarts=max_restarts,
+        max_failures=max_failures,
         grace_period_s=grace_period_s,
         start_timeout_s=start_timeout_s,
         resources_per_worker=resources_per_worker,
@@ -206,6 +212,13 @@ def launch(
     forwarded = {**forwarded_variables(os.environ), **dict(env or {})}
     spec = _target_spec(target, args, kwargs or {}, module)
 
+    try:
+        import ray
+    except ImportError:
+        raise ValueError(
+            "trainkit-ray needs Ray Train, which is not installed in this Python "
+            f"({sys.executable}); install the extra: pip install 'trainkit[ray]'"
+        ) from None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a launcher never phones home
     # The trainer, its configs and the backend hooks used here are Ray Train V2's (Ray's default).
     if os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1") != "1":
@@ -213,7 +226,6 @@ def launch(
             f"RAY_TRAIN_V2_ENABLED={os.environ['RAY_TRAIN_V2_ENABLED']!r}: trainkit-ray runs on Ray "
             "Train V2; unset the variable (or set it to 1)"
         )
-    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
@@ -223,6 +235,7 @@ def launch(
     started_ray = not ray.is_initialized()
     if started_ray:
         address = address or os.environ.get("RAY_ADDRESS") or "auto"
+        _check_reachable(address, connect_timeout_s)
         ray.init(address=None if address == "local" else address, log_to_driver=True)
     control = ray.remote(num_cpus=0)(RunControl).remote()
     try:
@@ -232,7 +245,7 @@ def launch(
                 "control": control,
                 "target": spec,
                 "forwarded": forwarded,
-                "max_restarts": max_restarts,
+                "max_failures": max_failures,
                 "run_id": run_id,
                 "grace_period_s": grace_s,
                 "cwd": os.getcwd(),
@@ -247,8 +260,8 @@ def launch(
             ),
             run_config=RunConfig(
                 name=run_id,
-                storage_path=storage_path,
-                failure_config=FailureConfig(max_failures=max_restarts),
+                storage_path=storage,
+                failure_config=FailureConfig(max_failures=max_failures),
             ),
         )
         outcome: list[BaseException | None] = []
@@ -279,6 +292,21 @@ def launch(
         ray.kill(control)
         if started_ray:
             ray.shutdown()
+
+
+def _check_reachable(address: str, timeout_s: float) -> None:
+    """Fail fast on a head that does not answer: ``ray.init`` would retry for minutes."""
+    if address in {"auto", "local"}:
+        return  # found through this machine's Ray session files, or started here
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"address {address!r}: expected auto, local, HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as error:
+        raise ConnectionError(
+            f"Ray head {address} does not answer within {timeout_s:g} s ({error})"
+        ) from None
 
 
 def _rounded(resources: Mapping[str, float]) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """The ``trainkit-ray`` command line: parse, check, launch, exit with trainkit-run's exit codes.
 
-Usage errors exit 2 before Ray is contacted; everything else is ``launchers.ray.launch``.
+Usage errors exit 2 before Ray is contacted; everything else is ``launchers.ray.run``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--address",
         default=None,
-        help="Ray cluster address (default: RAY_ADDRESS, else auto); 'local' starts a cluster",
+        help="auto (default: RAY_ADDRESS, else the cluster on this machine), HOST:PORT of the head, "
+        "ray://HOST:PORT, or local to start a throw-away cluster",
     )
     parser.add_argument("--use-gpu", action="store_true", help="one GPU per worker")
     parser.add_argument(
@@ -38,11 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
         help='Ray resources per worker as JSON, e.g. \'{"CPU": 4, "GPU": 1}\'',
     )
     parser.add_argument(
+        "--max-failures",
         "--max-restarts",
+        dest="max_failures",
         type=int,
         default=0,
-        help="restarts of the worker group after a failure; restarted workers resume from "
-        "their committed checkpoints (default 0)",
+        help="worker-group failures to recover from (Ray Train's max_failures); restarted workers "
+        "resume from their committed checkpoints (default 0)",
     )
     parser.add_argument("--run-id", default=None, help="TORCHELASTIC_RUN_ID and Ray Train run name")
     parser.add_argument(
@@ -66,7 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="give up when Ray has not placed the workers within this many seconds (default 600)",
     )
     parser.add_argument(
-        "--storage-path", default=None, help="Ray Train run storage (default ~/ray_results)"
+        "--storage",
+        "--storage-path",
+        dest="storage",
+        default=None,
+        help="Ray Train run storage, a path or URL every node reaches (default ~/ray_results)",
     )
     parser.add_argument(
         "--env",
@@ -108,7 +115,7 @@ def _parse_resources(parser: argparse.ArgumentParser, raw: str | None) -> dict[s
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), launch, print the outcome, return the exit code."""
-    from launchers.ray.api import launch
+    from launchers.ray.api import run as launch
 
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
@@ -120,13 +127,13 @@ def run(argv: Sequence[str] | None = None) -> int:
             module=args.module,
             use_gpu=args.use_gpu,
             resources_per_worker=_parse_resources(parser, args.resources_per_worker),
-            max_restarts=args.max_restarts,
+            max_failures=args.max_failures,
             run_id=args.run_id,
             env=_parse_env(parser, args.env),
             metrics_port=args.metrics_port,
             grace_period_s=args.grace_period_s,
             address=args.address,
-            storage_path=args.storage_path,
+            storage=args.storage,
             start_timeout_s=args.start_timeout_s,
         )
     except ValueError as error:
@@ -134,7 +141,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     except ConnectionError as error:
         print(
             f"trainkit-ray: cannot reach the Ray cluster: {error}; start one with "
-            "`ray start --head`, pass --address, or --address local for a throw-away one",
+            "`ray start --head`, check --address (HOST:PORT of the head's GCS port, 6379 by "
+            "default), or pass --address local for a throw-away one",
             file=sys.stderr,
             flush=True,
         )

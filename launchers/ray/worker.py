@@ -237,7 +237,7 @@ def run_worker(config: dict[str, Any]) -> None:
         master_addr=facts.master_addr,
         master_port=facts.master_port,
         restart_count=facts.attempt,
-        max_restarts=config["max_restarts"],
+        max_restarts=config["max_failures"],
         run_id=config["run_id"],
     )
     workdir = _workdir = Path(tempfile.mkdtemp(prefix=f"trainkit-ray-rank{place.rank}-"))
@@ -279,6 +279,9 @@ def run_worker(config: dict[str, Any]) -> None:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait()
         code = process.returncode
+        # A peer's agreed preemption save stops this process too, possibly before this actor has
+        # seen the stop request itself: ask again before calling a non-zero exit a failure.
+        stopped = stopped or (code != 0 and _stop_requested(control))
         result = workdir / "result.pkl"
         value = result.read_bytes() if code == 0 and result.exists() else None
         error = None if code == 0 else _error_summary(error_file)

@@ -1,4 +1,4 @@
-"""``launchers.ray.launch`` from Python on a real local Ray cluster: a function target with its
+"""``launchers.ray.run`` from Python on a real local Ray cluster: a function target with its
 return values, and each node's ``/metrics`` served as trainkit-run's agent serves it."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from launchers.ray import LaunchResult, launch
+from launchers.ray import LaunchResult, run
 from tests.integration.scripts.ray_cluster import free_port, ray_cluster
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(600)]
@@ -23,7 +23,7 @@ FUNCTIONS = runpy.run_path(str(Path(__file__).parent / "scripts" / "ray_function
 
 
 def test_a_function_runs_on_every_rank_and_returns_its_values(ray_cluster: str) -> None:
-    result = launch(
+    result = run(
         FUNCTIONS["allreduce_ranks"],
         (2.0,),
         kwargs={"offset": 0.5},
@@ -59,10 +59,10 @@ def test_each_node_serves_metrics_of_its_workers(ray_cluster: str, tmp_path: Pat
     port = free_port()
     results: list[LaunchResult | BaseException] = []
 
-    def run() -> None:
+    def launch_in_thread() -> None:
         try:
             results.append(
-                launch(
+                run(
                     FUNCTIONS["record_steps_until_released"],
                     (str(tmp_path), 5, 8),
                     num_workers=2,
@@ -74,7 +74,7 @@ def test_each_node_serves_metrics_of_its_workers(ray_cluster: str, tmp_path: Pat
         except BaseException as error:
             results.append(error)
 
-    thread = threading.Thread(target=run, daemon=True)
+    thread = threading.Thread(target=launch_in_thread, daemon=True)
     thread.start()
     try:
         text, deadline = "", time.monotonic() + 300

@@ -61,7 +61,8 @@ DIFFER_PER_LAUNCH = {
     "TORCHELASTIC_ERROR_FILE",
     "TRAINKIT_EXIT_STATUS_DIR",
 }
-NUM_ROWS, STEPS = 1000, 30
+# 480 rows, 2 ranks x 8 per batch: 30 steps are exactly one epoch, nothing dropped.
+NUM_ROWS, STEPS = 480, 30
 
 
 def start(launcher: list[str], args: list[str], **env: str) -> subprocess.Popen[str]:
@@ -143,23 +144,22 @@ def assert_same_training(reference: Path, out: Path) -> None:
         assert lines == read_samples(reference, rank), f"rank {rank} trained on other samples"
         assert [int(line.split()[0]) for line in lines] == list(range(1, STEPS + 1))
         seen.extend(int(i) for line in lines for i in line.split()[1:])
-    # Within the epoch every row reached exactly one rank exactly once, crash or not.
-    assert len(seen) == len(set(seen)) == 2 * STEPS * 8
+    # Every row of the epoch reached exactly one rank exactly once, across restarts too.
+    assert sorted(seen) == list(range(NUM_ROWS))
 
 
 def test_worker_environment_matches_trainkit_run(ray_cluster: str, tmp_path: Path) -> None:
     outdirs = {name: tmp_path / name for name in ("trainkit-run", "trainkit-ray")}
     for outdir in outdirs.values():
         outdir.mkdir()
-    common = ["--max-restarts", "1", str(PROBE)]
+    run_args = ["--standalone", "--nproc-per-node", "2", "--max-restarts", "1"]
     code, output = finish(
-        start(
-            TRAINKIT_RUN,
-            ["--standalone", "--nproc-per-node", "2", *common, str(outdirs["trainkit-run"])],
-        )
+        start(TRAINKIT_RUN, [*run_args, str(PROBE), str(outdirs["trainkit-run"])])
     )
     assert code == 0, output[-4000:]
-    code, output = ray_launch(ray_cluster, 2, *common, str(outdirs["trainkit-ray"]))
+    code, output = ray_launch(
+        ray_cluster, 2, "--max-failures", "1", str(PROBE), str(outdirs["trainkit-ray"])
+    )
     assert code == 0, output[-4000:]
 
     theirs_all, ours_all = (read_records(outdirs[n]) for n in ("trainkit-run", "trainkit-ray"))
@@ -183,21 +183,41 @@ def test_worker_environment_matches_trainkit_run(ray_cluster: str, tmp_path: Pat
     assert len({r["env"]["MASTER_PORT"] for r in ours_all.values()}) == 1
 
 
-def test_crash_restarts_and_resumes_bit_exactly(
-    ray_cluster: str, dataset: str, reference: Path, tmp_path: Path
+def parent_pid(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.parametrize("victim", ["training-process", "ray-worker"])
+def test_sigkill_of_a_worker_restarts_and_resumes_bit_exactly(
+    ray_cluster: str, dataset: str, reference: Path, tmp_path: Path, victim: str
 ) -> None:
     out = tmp_path / "out"
-    code, output = ray_launch(
-        ray_cluster,
-        2,
-        "--max-restarts",
-        "1",
-        str(TRAIN),
-        *("--data", dataset, "--root", str(tmp_path / "ckpt"), "--out", str(out)),
-        *("--steps", str(STEPS), "--fail-at", "13"),
+    process = start(
+        TRAINKIT_RAY,
+        [
+            *("--address", ray_cluster, "--num-workers", "2", "--max-failures", "1", str(TRAIN)),
+            *("--data", dataset, "--root", str(tmp_path / "ckpt"), "--out", str(out)),
+            *("--steps", str(STEPS), "--step-sleep-s", "0.2"),
+        ],
     )
+    try:
+        target, progress = 12, out / "progress-rank1"
+        deadline = time.monotonic() + 300
+        while not (
+            progress.exists() and progress.read_text() and int(progress.read_text()) >= target
+        ):
+            assert process.poll() is None, finish(process)[1][-4000:]
+            assert time.monotonic() < deadline, "workers never reached the target step"
+            time.sleep(0.05)
+        pid = int((out / "pid-rank1").read_text())
+        # The training process, or the Ray Train worker actor that supervises it.
+        os.kill(pid if victim == "training-process" else parent_pid(pid), signal.SIGKILL)
+        code, output = finish(process)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
     assert code == 0, output[-4000:]
-    assert "exited with code 3" in output, "the first attempt's crash was reported"
+    assert int((out / "pid-rank1").read_text()) != pid, "rank 1 ran again in a new process"
     assert_same_training(reference, out)
 
 
@@ -265,7 +285,7 @@ def test_failing_beyond_the_restarts_names_rank_and_exit_code(
     ray_cluster: str, tmp_path: Path
 ) -> None:
     code, output = ray_launch(
-        ray_cluster, 2, "--max-restarts", "1", str(PROBE), str(tmp_path), "fail-always"
+        ray_cluster, 2, "--max-failures", "1", str(PROBE), str(tmp_path), "fail-always"
     )
     assert code == 1, output[-4000:]
     summary = [line for line in output.splitlines() if line.startswith("trainkit-ray: worker rank")]
@@ -280,7 +300,7 @@ def test_failing_beyond_the_restarts_names_rank_and_exit_code(
     [
         (["--num-workers", "0", str(PROBE)], "num_workers=0: must be a whole number of 1 or more"),
         (["--num-workers", "2", "missing.py"], "training script 'missing.py' does not exist"),
-        (["--num-workers", "2", "--max-restarts", "-1", str(PROBE)], "max_restarts=-1"),
+        (["--num-workers", "2", "--max-failures", "-1", str(PROBE)], "max_failures=-1: must be"),
         (["--num-workers", "2", "--resources-per-worker", "{cpu", str(PROBE)], "not JSON"),
         (["--num-workers", "2", "--env", "NCCL_DEBUG", str(PROBE)], "expected NAME=VALUE"),
         (["--num-workers", "2", "--grace-period-s", "-5", str(PROBE)], "grace_period_s=-5"),
@@ -288,7 +308,7 @@ def test_failing_beyond_the_restarts_names_rank_and_exit_code(
     ids=[
         "no-workers",
         "missing-script",
-        "negative-restarts",
+        "negative-failures",
         "bad-resources",
         "bad-env",
         "bad-grace",
@@ -305,6 +325,35 @@ def test_bad_input_is_refused_before_ray_is_contacted(args: list[str], message: 
     )
     assert result.returncode == 2, result.stderr[-3000:]
     assert message in result.stderr, result.stderr[-3000:]
+
+
+def test_without_ray_installed_the_message_names_the_extra() -> None:
+    # sys.modules["ray"] = None makes `import ray` fail as it does where Ray is not installed.
+    code = (
+        "import sys; sys.modules['ray'] = None; from launchers.ray.cli import main; "
+        f"sys.argv = ['trainkit-ray', '--num-workers', '2', {str(PROBE)!r}]; main()"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=ray_env()
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "pip install 'trainkit[ray]'" in result.stderr, result.stderr[-3000:]
+
+
+def test_an_address_that_does_not_answer_fails_in_bounded_time(tmp_path: Path) -> None:
+    from tests.integration.scripts.ray_cluster import free_port
+
+    started = time.monotonic()
+    result = subprocess.run(
+        [*TRAINKIT_RAY, "--address", f"127.0.0.1:{free_port()}", "--num-workers", "2", str(PROBE)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ray_env(),
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "does not answer within 10 s" in result.stderr, result.stderr[-3000:]
+    assert time.monotonic() - started < 100, "ray.init alone retries for minutes"
 
 
 def test_more_workers_than_the_cluster_holds_fails_with_the_numbers(ray_cluster: str) -> None:

@@ -14,8 +14,12 @@ ROOT = Path(__file__).parents[2]
 MANIFEST = ROOT / "deploy" / "ray" / "rayjob.yaml"
 
 
+def load_all() -> dict[str, dict]:
+    return {doc["kind"]: doc for doc in yaml.safe_load_all(MANIFEST.read_text())}
+
+
 def load() -> dict:
-    return yaml.safe_load(MANIFEST.read_text())
+    return load_all()["RayJob"]
 
 
 def env_of(container: dict) -> dict[str, str]:
@@ -29,20 +33,32 @@ def test_entrypoint_is_a_valid_trainkit_ray_command() -> None:
     assert command == "trainkit-ray"
     args = build_parser().parse_args(argv)
     assert (ROOT / args.training_script).is_file(), args.training_script
-    assert args.use_gpu and args.max_restarts > 0
-    # Restarts resume from checkpoints every pod can reach: not a pod-local path.
-    checkpoint_dir = args.training_script_args[
-        args.training_script_args.index("--checkpoint-dir") + 1
+    assert args.max_failures > 0
+    # Restarted workers on any pod resume from the same checkpoints and read the same shards:
+    # both live on the PVC that the head and every worker mount.
+    script_args = args.training_script_args
+    shared = {script_args[script_args.index(flag) + 1] for flag in ("--checkpoint-dir", "--data")}
+    claim = load_all()["PersistentVolumeClaim"]
+    assert "ReadWriteMany" in claim["spec"]["accessModes"]
+    cluster = job["spec"]["rayClusterSpec"]
+    pods = [cluster["headGroupSpec"]["template"]] + [
+        group["template"] for group in cluster["workerGroupSpecs"]
     ]
-    assert "://" in checkpoint_dir, checkpoint_dir
+    for pod in pods:
+        volumes = {
+            v["name"]: v["persistentVolumeClaim"]["claimName"]
+            for v in pod["spec"]["volumes"]
+            if "persistentVolumeClaim" in v
+        }
+        mounts = {m["mountPath"]: m["name"] for m in pod["spec"]["containers"][0]["volumeMounts"]}
+        for path in shared:
+            mount = next(m for m in mounts if path.startswith(m + "/"))
+            assert volumes[mounts[mount]] == claim["metadata"]["name"], (path, mount)
 
-    workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
-    gpus = sum(
-        group["replicas"]
-        * int(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
-        for group in workers
-    )
-    assert args.num_workers == gpus, "one worker per GPU of the worker pods"
+    # One Ray Train worker per worker pod: each pod offers one CPU to Ray.
+    workers = cluster["workerGroupSpecs"]
+    assert args.num_workers == 2 == sum(group["replicas"] for group in workers)
+    assert all(group["rayStartParams"]["num-cpus"] == "1" for group in workers)
 
 
 def test_stop_windows_leave_room_for_the_agreed_save() -> None:

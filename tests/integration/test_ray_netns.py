@@ -121,7 +121,7 @@ def test_a_crash_on_one_pod_resumes_bit_exactly_across_pods(
     out = tmp_path / "out"
     code, output = launch_in(
         head,
-        *("--num-workers", "2", "--max-restarts", "1", str(TRAIN)),
+        *("--num-workers", "2", "--max-failures", "1", str(TRAIN)),
         *("--data", dataset, "--root", str(tmp_path / "ckpt"), "--out", str(out)),
         *("--steps", str(STEPS), "--fail-at", "13"),
     )

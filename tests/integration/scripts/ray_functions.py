@@ -1,4 +1,4 @@
-"""Functions that test_ray_api.py launches through ``launchers.ray.launch`` (loaded with runpy, so
+"""Functions that test_ray_api.py launches through ``launchers.ray.run`` (loaded with runpy, so
 Ray pickles them by value). Each runs in its own training process with torchrun's environment."""
 
 from __future__ import annotations

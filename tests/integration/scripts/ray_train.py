@@ -5,7 +5,8 @@
 
 Every rank writes "<step> <ids>" lines to <out>/samples-rank<r>.txt (lines past the restored step
 are dropped on resume, so the file is what the final model was trained on) and its step to
-<out>/progress-rank<r>; rank 0 writes the final parameters to <out>/final.pt. ``--fail-at N`` makes
+<out>/progress-rank<r>, its process id to <out>/pid-rank<r>; rank 0 writes the final parameters to
+<out>/final.pt. ``--fail-at N`` makes
 rank 1 exit 3 at step N in the first attempt only (TORCHELASTIC_RESTART_COUNT=0).
 """
 
@@ -58,6 +59,7 @@ def main() -> None:
     checkpoints = CheckpointManager(args.root, interval_steps=args.interval, keep_last=2)
     start = checkpoints.restore(state) or 0
     args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"pid-rank{world.rank}").write_text(str(os.getpid()))  # for kill tests
     samples_path = args.out / f"samples-rank{world.rank}.txt"
     keep_steps_up_to(samples_path, start)
 
