@@ -6,6 +6,7 @@ plain data only and never starts or stops a process itself.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
@@ -40,6 +41,18 @@ class RunControl:
         self.stop = True
 
     def stop_requested(self) -> bool:
+        return self.stop
+
+    async def wait_for_stop(self, timeout_s: float) -> bool:
+        """True as soon as a stop is requested (False after ``timeout_s``).
+
+        Workers long-poll this so that every rank forwards SIGTERM within a few milliseconds of
+        the others, as torchrun's agent signals its workers at once: a late SIGTERM could reach a
+        process that already saved and is shutting down with the default handler back in place.
+        """
+        deadline = time.monotonic() + timeout_s
+        while not self.stop and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
         return self.stop
 
     def report_exit(

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from trainkit.exit_codes import EXIT_STATUS_DIR_VARIABLE, describe_exit_code
 __all__ = ["TrainkitBackendConfig", "WorkerExitError", "run_worker"]
 
 _POLL_S = 0.5
+_STOP_POLL_S = 30.0
 # Variables a Ray worker may carry from Ray Train or an earlier launcher that must not leak into a
 # torchrun environment (they would make World.from_env read the wrong source).
 _STALE_VARIABLES = {"NODE_RANK", "ACCELERATE_TORCH_DEVICE", "TORCHELASTIC_ERROR_FILE"}
@@ -201,20 +203,37 @@ def _stop_requested(control: Any) -> bool:
         return False
 
 
+def _forward_stop(process: subprocess.Popen[bytes], control: Any, seen: threading.Event) -> None:
+    """Long-poll the control actor; SIGTERM the training process the moment a stop is asked."""
+    import ray
+
+    while process.poll() is None:
+        try:
+            if ray.get(control.wait_for_stop.remote(_STOP_POLL_S), timeout=_STOP_POLL_S + 30):
+                seen.set()
+                process.send_signal(signal.SIGTERM)
+                return
+        except Exception:  # an unreachable control actor must not kill training; ask again
+            time.sleep(_POLL_S)
+
+
 def _supervise(process: subprocess.Popen[bytes], control: Any, grace_period_s: float) -> bool:
     """Wait for the process; forward a stop request as SIGTERM. Returns whether a stop came."""
+    seen = threading.Event()
+    threading.Thread(
+        target=_forward_stop, args=(process, control, seen), name="trainkit-stop", daemon=True
+    ).start()
     kill_at = None
     while True:
         try:
             process.wait(timeout=_POLL_S)
-            return kill_at is not None
+            return seen.is_set()
         except subprocess.TimeoutExpired:
             pass
-        if kill_at is None and _stop_requested(control):
-            process.send_signal(signal.SIGTERM)
-            kill_at = time.monotonic() + grace_period_s
-        elif kill_at is not None and time.monotonic() > kill_at:
-            os.killpg(process.pid, signal.SIGKILL)
+        if seen.is_set():
+            kill_at = kill_at or time.monotonic() + grace_period_s
+            if time.monotonic() > kill_at:
+                os.killpg(process.pid, signal.SIGKILL)
 
 
 def run_worker(config: dict[str, Any]) -> None:
