@@ -7,6 +7,7 @@ into a stop request and the workers' exits into trainkit-run's exit codes. Worke
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import sys
@@ -208,6 +209,11 @@ def run(
     )
     grace_s = grace_period_s if grace_period_s is not None else read_grace_period_s()
     grace_s = DEFAULT_GRACE_PERIOD_S if grace_s is None else grace_s
+    if run_id is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", run_id):
+        raise ValueError(
+            f"run_id={run_id!r}: use letters, digits, '.', '_' and '-' (at most 100, starting "
+            "with a letter or digit); it names files and the Ray Train run"
+        )
     run_id = run_id or f"trainkit-{uuid.uuid4().hex[:12]}"
     forwarded = {**forwarded_variables(os.environ), **dict(env or {})}
     spec = _target_spec(target, args, kwargs or {}, module)

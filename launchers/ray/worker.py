@@ -259,7 +259,16 @@ def run_worker(config: dict[str, Any]) -> None:
         max_restarts=config["max_failures"],
         run_id=config["run_id"],
     )
-    workdir = _workdir = Path(tempfile.mkdtemp(prefix=f"trainkit-ray-rank{place.rank}-"))
+    # Directories of earlier attempts of this run on this node belong to dead actors (Ray Train
+    # restarts the whole group), some SIGKILLed before they could clean up: remove them.
+    run_prefix = f"trainkit-ray-{place.run_id}-attempt"
+    for stale in Path(tempfile.gettempdir()).glob(f"{run_prefix}*"):
+        attempt = stale.name.removeprefix(run_prefix).split("-", 1)[0]
+        if attempt.isdigit() and int(attempt) < facts.attempt:
+            shutil.rmtree(stale, ignore_errors=True)
+    workdir = _workdir = Path(
+        tempfile.mkdtemp(prefix=f"{run_prefix}{facts.attempt}-rank{place.rank}-")
+    )
     error_file = workdir / "error.json"
     env = {key: value for key, value in os.environ.items() if key not in _STALE_VARIABLES}
     env.update(config["forwarded"])

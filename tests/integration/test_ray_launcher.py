@@ -304,6 +304,7 @@ def test_failing_beyond_the_restarts_names_rank_and_exit_code(
         (["--num-workers", "2", "--resources-per-worker", "{cpu", str(PROBE)], "not JSON"),
         (["--num-workers", "2", "--env", "NCCL_DEBUG", str(PROBE)], "expected NAME=VALUE"),
         (["--num-workers", "2", "--grace-period-s", "-5", str(PROBE)], "grace_period_s=-5"),
+        (["--num-workers", "2", "--run-id", "a/b", str(PROBE)], "run_id='a/b': use letters"),
     ],
     ids=[
         "no-workers",
@@ -312,6 +313,7 @@ def test_failing_beyond_the_restarts_names_rank_and_exit_code(
         "bad-resources",
         "bad-env",
         "bad-grace",
+        "bad-run-id",
     ],
 )
 def test_bad_input_is_refused_before_ray_is_contacted(args: list[str], message: str) -> None:
