@@ -9,7 +9,7 @@ TORCH_PIN ?= torch==2.13.0
 # Prometheus server scraping the exporter.
 SYSTEM_PACKAGES ?= iproute2 dnsmasq-base prometheus util-linux
 
-.PHONY: train test lint system-deps venv clean
+.PHONY: train test test-ray lint system-deps venv clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,14 @@ lint: venv
 
 test: venv system-deps lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# trainkit-ray on a real local Ray cluster (namespace pods too, as root): the ray extra goes into
+# .venv first. Without it `make test` skips these tests; CI runs this as a stage of its own (~5 min).
+RAY_TESTS ?= tests/integration/test_ray_api.py tests/integration/test_ray_launcher.py \
+	tests/integration/test_ray_netns.py tests/integration/test_ray_manifest.py tests/launchers/test_ray_env.py
+test-ray: venv system-deps
+	$(BIN)/python -m pip install --quiet -e ".[dev,ray]" "$(TORCH_PIN)"
+	$(BIN)/python -m pytest $(PYTEST_ARGS) $(RAY_TESTS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,1 +1,2 @@
-"""Launchers: ``trainkit-run`` (torchrun-compatible) and the pod-environment defaults it applies."""
+"""Launchers: ``trainkit-run`` (torchrun-compatible), ``trainkit-ray`` (the same scripts on a Ray
+cluster through Ray Train) and the pod-environment defaults trainkit-run applies."""

@@ -38,6 +38,8 @@ DOWNWARD_API = {
     "POD_IP": "status.podIP",
     "NODE_NAME": "spec.nodeName",
 }
+
+
 @pytest.fixture(scope="module", params=OVERLAYS, ids=lambda p: p.relative_to(K8S).as_posix())
 def rendered(request: pytest.FixtureRequest) -> list[dict]:
     return render(request.param)

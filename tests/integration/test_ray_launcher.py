@@ -343,6 +343,7 @@ def test_without_ray_installed_the_message_names_the_extra() -> None:
 
 
 def test_an_address_that_does_not_answer_fails_in_bounded_time(tmp_path: Path) -> None:
+    pytest.importorskip("ray", reason="the ray extra is not installed (pip install trainkit[ray])")
     from tests.integration.scripts.ray_cluster import free_port
 
     started = time.monotonic()

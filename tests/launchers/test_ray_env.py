@@ -36,18 +36,22 @@ def test_environment_has_torchruns_names_and_reads_back_as_the_same_world() -> N
     assert env["TORCHELASTIC_ERROR_FILE"] == "/tmp/e.json"
     assert env["OMP_NUM_THREADS"] == "1", "torchrun's default when workers share a node"
     world = World.from_env(env)
-    assert world == World(
-        rank=3,
-        world_size=4,
-        local_rank=1,
-        local_world_size=2,
-        node_rank=1,
-        num_nodes=2,
-        master_addr="10.0.0.5",
-        master_port=29400,
-        restart_count=2,
-        run_id="job-7",
-        source="torchrun",
+    assert (
+        world
+        == World(
+            rank=3,
+            world_size=4,
+            local_rank=1,
+            local_world_size=2,
+            node_rank=1,
+            num_nodes=2,
+            master_addr="10.0.0.5",
+            master_port=29400,
+            restart_count=2,
+            run_id="job-7",
+            source="torchrun",
+            use_agent_store=True,  # rank 0's Ray worker hosts the attempt's store, as torchrun's agent does
+        )
     )
 
 
