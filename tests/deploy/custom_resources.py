@@ -1,11 +1,14 @@
-"""Strict field checks for the custom resources in deploy/ (JobSet, PodMonitor, KEDA ScaledObject).
+"""Strict field checks for the custom resources in deploy/ (JobSet, PodMonitor, KEDA ScaledObject,
+KubeRay RayJob).
 
 Their published CRD schemas cannot be fetched here (no network), so these are field lists written
 from the API references: JobSet from kubernetes-sigs/jobset api/jobset/v1alpha2/jobset_types.go,
 PodMonitor from the prometheus-operator API reference (monitoring.coreos.com/v1), ScaledObject
-from KEDA's reference (keda.sh/v1alpha1, KEDA 2.x). An unknown or
+from KEDA's reference (keda.sh/v1alpha1, KEDA 2.x), RayJob from KubeRay's API reference (ray.io/v1:
+RayJobSpec, RayClusterSpec, HeadGroupSpec, WorkerGroupSpec). An unknown or
 misspelled key, a missing required key or a value outside an enum fails. Embedded Kubernetes types
-(a JobSet's Job template, label selectors) are checked against the real Kubernetes schemas instead.
+(a JobSet's Job template, a Ray group's pod template, label selectors) are checked against the
+real Kubernetes schemas instead.
 """
 
 from __future__ import annotations
@@ -34,6 +37,12 @@ ENUMS: dict[tuple[str, str], set[str]] = {
         "RestartJob",
         "RestartJobAndIgnoreMaxRestarts",
     },
+}
+ENUMS[("RayJobSpec", "submissionMode")] = {
+    "K8sJobMode",
+    "HTTPMode",
+    "InteractiveMode",
+    "SidecarMode",
 }
 RULE_NAME = re.compile(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
 
@@ -187,6 +196,73 @@ SCHEMAS: dict[str, Fields] = {
         {"failureThreshold", "replicas"},
         {},
     ),
+    # ray.io/v1 (KubeRay)
+    "RayJob": (
+        {"apiVersion", "kind", "metadata", "spec"},
+        {"apiVersion", "kind", "metadata", "spec"},
+        {"metadata": "ObjectMeta", "spec": "RayJobSpec"},
+    ),
+    "RayJobSpec": (
+        {
+            "activeDeadlineSeconds",
+            "backoffLimit",
+            "clusterSelector",
+            "deletionStrategy",
+            "entrypoint",
+            "entrypointNumCpus",
+            "entrypointNumGpus",
+            "entrypointResources",
+            "jobId",
+            "managedBy",
+            "metadata",
+            "rayClusterSpec",
+            "runtimeEnvYAML",
+            "shutdownAfterJobFinishes",
+            "submissionMode",
+            "submitterConfig",
+            "submitterPodTemplate",
+            "suspend",
+            "ttlSecondsAfterFinished",
+        },
+        set(),
+        {"rayClusterSpec": "RayClusterSpec", "submitterPodTemplate": "PodTemplateSpec"},
+    ),
+    "RayClusterSpec": (
+        {
+            "autoscalerOptions",
+            "enableInTreeAutoscaling",
+            "gcsFaultToleranceOptions",
+            "headGroupSpec",
+            "headServiceAnnotations",
+            "managedBy",
+            "rayVersion",
+            "suspend",
+            "workerGroupSpecs",
+        },
+        {"headGroupSpec"},
+        {"headGroupSpec": "HeadGroupSpec", "workerGroupSpecs": ["WorkerGroupSpec"]},
+    ),
+    "HeadGroupSpec": (
+        {"enableIngress", "headService", "rayStartParams", "serviceType", "template"},
+        {"template"},
+        {"template": "PodTemplateSpec"},
+    ),
+    "WorkerGroupSpec": (
+        {
+            "groupName",
+            "idleTimeoutSeconds",
+            "maxReplicas",
+            "minReplicas",
+            "numOfHosts",
+            "rayStartParams",
+            "replicas",
+            "scaleStrategy",
+            "suspend",
+            "template",
+        },
+        {"groupName", "template"},
+        {"template": "PodTemplateSpec"},
+    ),
 }
 
 
@@ -224,6 +300,21 @@ def _validate_job_template(template: object, where: str) -> list[str]:
     return [f"{where}.{key}: unknown field" for key in sorted(unknown)]
 
 
+def _validate_pod_template(template: object, where: str) -> list[str]:
+    """A Ray group's pod template against the real v1 PodTemplate schema (strict)."""
+    pod_template = {
+        "apiVersion": "v1",
+        "kind": "PodTemplate",
+        "metadata": {"name": "template"},
+        "template": template,
+    }
+    try:
+        kubernetes_validate.validate(pod_template, "1.30.0", strict=True)
+    except kubernetes_validate.ValidationError as error:
+        return [f"{where}: {error.message} at {'.'.join(map(str, error.path))}"]
+    return []
+
+
 def _validate_label_selector(selector: object, where: str) -> list[str]:
     allowed = {"matchLabels", "matchExpressions"}
     if not isinstance(selector, dict):
@@ -235,6 +326,7 @@ SPECIAL: dict[str, Callable[[object, str], list[str]]] = {
     "JobTemplateSpec": _validate_job_template,
     "LabelSelector": _validate_label_selector,
     "HPABehavior": _validate_hpa_behavior,
+    "PodTemplateSpec": _validate_pod_template,
 }
 
 
@@ -276,6 +368,7 @@ def check_custom_resource(obj: dict) -> list[str]:
         "JobSet": "jobset.x-k8s.io/v1alpha2",
         "PodMonitor": "monitoring.coreos.com/v1",
         "ScaledObject": "keda.sh/v1alpha1",
+        "RayJob": "ray.io/v1",
     }
     kind = obj.get("kind")
     if kind not in expected:

@@ -84,3 +84,26 @@ def env_values(container: dict) -> dict[str, object]:
 
 def training_workloads(objects: list[dict]) -> list[dict]:
     return [w for w in workloads(objects) if w["metadata"]["name"] == "trainkit-train"]
+
+
+CUSTOM_KINDS = {"JobSet", "PodMonitor", "ScaledObject", "RayJob"}
+
+
+def validation_problems(obj: dict) -> list[str]:
+    """What is wrong with one object: built-in kinds against the Kubernetes schemas in strict mode,
+    custom resources against the field lists of ``custom_resources``."""
+    import kubernetes_validate
+
+    from tests.deploy.custom_resources import check_custom_resource
+
+    name = f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
+    if obj.get("kind") in CUSTOM_KINDS:
+        return [f"{name}: {problem}" for problem in check_custom_resource(obj)]
+    try:
+        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as error:
+        path = ".".join(str(part) for part in error.path)
+        return [f"{name}: {error.message} at {path or '(top)'}"]
+    except kubernetes_validate.SchemaNotFoundError:
+        return [f"{name}: no Kubernetes {KUBERNETES_VERSION} schema for this kind"]
+    return []

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import kubernetes_validate
 import pytest
 
-from tests.deploy.custom_resources import check_custom_resource
 from tests.deploy.manifests import (
     DEPLOY,
     K8S,
@@ -21,23 +19,8 @@ from tests.deploy.manifests import (
     load_documents,
     manifest_files,
     render,
+    validation_problems,
 )
-
-CUSTOM_KINDS = {"JobSet", "PodMonitor", "ScaledObject"}
-
-
-def validation_problems(obj: dict) -> list[str]:
-    name = f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
-    if obj.get("kind") in CUSTOM_KINDS:
-        return [f"{name}: {problem}" for problem in check_custom_resource(obj)]
-    try:
-        kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
-    except kubernetes_validate.ValidationError as error:
-        path = ".".join(str(part) for part in error.path)
-        return [f"{name}: {error.message} at {path or '(top)'}"]
-    except kubernetes_validate.SchemaNotFoundError:
-        return [f"{name}: no Kubernetes {KUBERNETES_VERSION} schema for this kind"]
-    return []
 
 
 def test_the_manifest_set_is_what_the_tests_expect() -> None:
@@ -120,3 +103,14 @@ def _relative(target: Path, start: Path) -> str:
     import os
 
     return os.path.relpath(target, start)
+
+
+def test_a_misspelled_rayjob_field_is_caught() -> None:
+    (_, rayjob) = load_documents(DEPLOY / "ray" / "rayjob.yaml")
+    assert not validation_problems(rayjob)
+    workers = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    workers["maxReplica"] = workers.pop("maxReplicas")
+    workers["template"]["spec"]["terminationGracePeriod"] = 60
+    problems = validation_problems(rayjob)
+    assert any("maxReplica: unknown field" in problem for problem in problems), problems
+    assert any("terminationGracePeriod" in problem for problem in problems), problems
