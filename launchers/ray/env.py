@@ -9,12 +9,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from trainkit.env_vars import APPLIED_VARIABLE
+from trainkit.metrics.settings import METRICS_DIR_VARIABLE
+from trainkit.preemption import EXIT_STATUS_DIR_VARIABLE
+
 __all__ = ["FORWARDED_PREFIXES", "WorkerPlace", "forwarded_variables", "torchrun_worker_env"]
 
 #: Driver variables that reach the workers on every node, as they reach trainkit-run's workers by
 #: inheritance. Node-local paths (exit-status and metrics directories) are set per node instead.
 FORWARDED_PREFIXES = ("TRAINKIT_", "NCCL_", "GLOO_", "TORCH_")
-_NOT_FORWARDED = {"TRAINKIT_EXIT_STATUS_DIR", "TRAINKIT_METRICS_DIR", "TRAINKIT_COMMS_APPLIED"}
+_NOT_FORWARDED = {EXIT_STATUS_DIR_VARIABLE, METRICS_DIR_VARIABLE, APPLIED_VARIABLE}
 
 # What torch.distributed.run exports for its workers to handle (its own default).
 _SIGNALS_TO_HANDLE = "SIGTERM,SIGINT,SIGHUP,SIGQUIT"
