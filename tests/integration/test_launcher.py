@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.torchrun_contract import DIFFER_PER_LAUNCH, TORCHRUN_VARIABLES
 from trainkit.exit_codes import EXIT_PREEMPTED
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -23,30 +24,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 PROBE = Path(__file__).parent / "scripts" / "probe_env.py"
 TRAINKIT_RUN = [sys.executable, "-m", "launchers.run"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
-
-# torchrun's worker variables; the comparison skips those that differ by design on every launch.
-TORCHRUN_VARIABLES = {
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "GROUP_WORLD_SIZE",
-    "ROLE_RANK",
-    "ROLE_NAME",
-    "ROLE_WORLD_SIZE",
-    "MASTER_ADDR",
-    "MASTER_PORT",
-    "TORCHELASTIC_RUN_ID",
-    "TORCHELASTIC_RESTART_COUNT",
-    "TORCHELASTIC_MAX_RESTARTS",
-    "TORCHELASTIC_USE_AGENT_STORE",
-    "TORCHELASTIC_ERROR_FILE",
-    "TORCH_NCCL_ASYNC_ERROR_HANDLING",
-    "OMP_NUM_THREADS",
-    "TORCHELASTIC_SIGNALS_TO_HANDLE",
-}
-DIFFER_PER_LAUNCH = {"TORCHELASTIC_RUN_ID", "MASTER_PORT", "TORCHELASTIC_ERROR_FILE"}
 
 
 def launcher_env(**extra: str) -> dict[str, str]:

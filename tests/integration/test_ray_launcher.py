@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from shards import write_shards
+from tests.integration import torchrun_contract
 from tests.integration.scripts.ray_cluster import ray_cluster, ray_env
 from trainkit.exit_codes import EXIT_PREEMPTED
 
@@ -30,35 +31,11 @@ TRAIN = SCRIPTS / "ray_train.py"
 TRAINKIT_RUN = [sys.executable, "-m", "launchers.run"]
 TRAINKIT_RAY = [sys.executable, "-m", "launchers.ray.cli"]
 
-# torchrun's worker variables (as in test_launcher.py) and those that differ on every launch;
+# torchrun's worker variables plus trainkit's one, and those that differ on every launch;
 # MASTER_ADDR too: torchrun's agent names its host, Ray Train rank 0's node address.
-TORCHRUN_VARIABLES = {
-    "RANK",
-    "LOCAL_RANK",
-    "WORLD_SIZE",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "GROUP_WORLD_SIZE",
-    "ROLE_RANK",
-    "ROLE_NAME",
-    "ROLE_WORLD_SIZE",
+TORCHRUN_VARIABLES = torchrun_contract.TORCHRUN_VARIABLES | {"TRAINKIT_EXIT_STATUS_DIR"}
+DIFFER_PER_LAUNCH = torchrun_contract.DIFFER_PER_LAUNCH | {
     "MASTER_ADDR",
-    "MASTER_PORT",
-    "TORCHELASTIC_RUN_ID",
-    "TORCHELASTIC_RESTART_COUNT",
-    "TORCHELASTIC_MAX_RESTARTS",
-    "TORCHELASTIC_USE_AGENT_STORE",
-    "TORCHELASTIC_ERROR_FILE",
-    "TORCH_NCCL_ASYNC_ERROR_HANDLING",
-    "OMP_NUM_THREADS",
-    "TORCHELASTIC_SIGNALS_TO_HANDLE",
-    "TRAINKIT_EXIT_STATUS_DIR",
-}
-DIFFER_PER_LAUNCH = {
-    "TORCHELASTIC_RUN_ID",
-    "MASTER_PORT",
-    "MASTER_ADDR",
-    "TORCHELASTIC_ERROR_FILE",
     "TRAINKIT_EXIT_STATUS_DIR",
 }
 # 480 rows, 2 ranks x 8 per batch: 30 steps are exactly one epoch, nothing dropped.
