@@ -1,6 +1,6 @@
 """Test job: gloo all-reduce steps at a steady pace, recording trainkit metrics; logs what it did.
 
-Usage: metrics_job.py OUTDIR [fail-once]. Runs until OUTDIR/stop exists (or 120 s); each rank
+Usage: metrics_job.py OUTDIR [fail-once]. Runs until a rank sees OUTDIR/stop (or 120 s); each rank
 appends "unix_time samples_total" lines to OUTDIR/progress-<rank>.txt so tests can compare rates.
 """
 
@@ -45,7 +45,14 @@ progress = open(outdir / f"progress-{world.rank}.txt", "a", buffering=1)  # noqa
 samples = 0
 started = last_log = time.time()
 loss = torch.ones(1)
-while not (outdir / "stop").exists() and time.time() - started < 120:
+stop = torch.zeros(1)
+while True:
+    # Every rank stops at the same step: one that left the loop alone would close its connections
+    # under a peer still inside all_reduce ("Connection closed by peer").
+    stop.fill_(float((outdir / "stop").exists() or time.time() - started >= 120))
+    dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+    if stop.item():
+        break
     time.sleep(DATA_WAIT_S)
     trainkit.metrics.observe_data_wait(DATA_WAIT_S)
     time.sleep(STEP_SLEEP_S)
