@@ -266,6 +266,15 @@ SCHEMAS: dict[str, Fields] = {
 }
 
 
+def _validate_builtin(obj: dict, where: str) -> list[str]:
+    """An embedded Kubernetes type, wrapped in its built-in kind, against the real schema (strict)."""
+    try:
+        kubernetes_validate.validate(obj, "1.30.0", strict=True)
+    except kubernetes_validate.ValidationError as error:
+        return [f"{where}: {error.message} at {'.'.join(map(str, error.path))}"]
+    return []
+
+
 def _validate_hpa_behavior(behavior: object, where: str) -> list[str]:
     """A ScaledObject's HPA behavior against the real autoscaling/v2 schema (strict)."""
     hpa = {
@@ -275,11 +284,7 @@ def _validate_hpa_behavior(behavior: object, where: str) -> list[str]:
         "spec": {"scaleTargetRef": {"kind": "StatefulSet", "name": "x"}, "maxReplicas": 1},
     }
     hpa["spec"]["behavior"] = behavior
-    try:
-        kubernetes_validate.validate(hpa, "1.30.0", strict=True)
-    except kubernetes_validate.ValidationError as error:
-        return [f"{where}: {error.message} at {'.'.join(map(str, error.path))}"]
-    return []
+    return _validate_builtin(hpa, where)
 
 
 def _validate_job_template(template: object, where: str) -> list[str]:
@@ -293,11 +298,9 @@ def _validate_job_template(template: object, where: str) -> list[str]:
         "spec": template.get("spec", {}),
     }
     unknown = set(template) - {"metadata", "spec"}
-    try:
-        kubernetes_validate.validate(job, "1.30.0", strict=True)
-    except kubernetes_validate.ValidationError as error:
-        return [f"{where}: {error.message} at {'.'.join(map(str, error.path))}"]
-    return [f"{where}.{key}: unknown field" for key in sorted(unknown)]
+    return _validate_builtin(job, where) + [
+        f"{where}.{key}: unknown field" for key in sorted(unknown)
+    ]
 
 
 def _validate_pod_template(template: object, where: str) -> list[str]:
@@ -308,11 +311,7 @@ def _validate_pod_template(template: object, where: str) -> list[str]:
         "metadata": {"name": "template"},
         "template": template,
     }
-    try:
-        kubernetes_validate.validate(pod_template, "1.30.0", strict=True)
-    except kubernetes_validate.ValidationError as error:
-        return [f"{where}: {error.message} at {'.'.join(map(str, error.path))}"]
-    return []
+    return _validate_builtin(pod_template, where)
 
 
 def _validate_label_selector(selector: object, where: str) -> list[str]:
