@@ -1,5 +1,10 @@
-"""ShardCache on a local directory with an in-memory "remote": readers racing evictions always get
-their bytes, and the byte limit holds for complete files whatever the interleaving."""
+"""ShardCache on a local directory with another local directory as the "remote": readers racing
+evictions always get their bytes, and the byte limit holds for complete files whatever the
+interleaving.
+
+The remote is a plain directory, not fsspec's memory filesystem: that one hands every opener the same
+file object, so two threads reading one shard move each other's position (a fixture race that no
+real store has)."""
 
 from __future__ import annotations
 
@@ -15,16 +20,16 @@ from shards.storage import checksum_of
 
 
 @pytest.fixture
-def remote():
-    fs = fsspec.filesystem("memory")
+def remote(tmp_path_factory):
+    fs = fsspec.filesystem("file")
+    root = tmp_path_factory.mktemp("remote")
     shards = []
     for index in range(3):
         data = bytes([index]) * 4096
-        path = f"/cache-test-{id(fs)}/shard-{index}.arrow"
+        path = str(root / f"shard-{index}.arrow")
         fs.pipe_file(path, data)
         shards.append((path, ShardInfo(path, 1, len(data), checksum_of(data), ())))
-    yield fs, shards
-    fs.rm(f"/cache-test-{id(fs)}", recursive=True)
+    return fs, shards
 
 
 @pytest.fixture
@@ -51,7 +56,7 @@ def test_readers_racing_evictions_get_their_bytes_within_the_limit(
             for _ in range(200):
                 for shard_id in shard_ids:
                     path, shard = shards[shard_id]
-                    _, mapped = cache.open(fs, path, shard, f"memory://{path}")
+                    _, mapped = cache.open(fs, path, shard, f"file://{path}")
                     assert mapped.read_buffer().to_pybytes() == bytes([shard_id]) * 4096
                     mapped.close()
         except BaseException as exc:  # reported below, with the thread's own assertion
