@@ -267,10 +267,18 @@ class PreemptionSignal:
         if self._watchdog is not None:
             self._watchdog.cancel()
 
-    def restore(self) -> None:
-        """Put back the handlers that were installed before."""
+    def restore(self, *, stopping: bool = False) -> None:
+        """Put back the handlers that were installed before, unless ``stopping``.
+
+        ``stopping`` (ranks agreed to save and stop): the handlers stay installed and only set the
+        flag, with no watchdog, so a second SIGTERM during shutdown cannot end the process with
+        the signal's default action before it exits ``EXIT_PREEMPTED``.
+        """
         if self._watchdog is not None:
             self._watchdog.cancel()
+        if stopping:
+            self._answered.set()
+            return
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}

@@ -1,7 +1,8 @@
 """Who am I in the training world: rank, sizes, node and master, read from any launcher's environment.
 
 This module and ``trainkit.k8s`` are the only places that read launcher variables. It never mutates
-the environment and never touches torch: a ``World`` is plain data, built in tests with keywords.
+the environment and imports torch only to answer ``World.device``: a ``World`` is plain data, built
+in tests with keywords.
 """
 
 from __future__ import annotations
@@ -9,8 +10,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 from trainkit.env_vars import NNODES_VARIABLE, NodeCount, parse_nnodes, read_nnodes
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["SOURCES", "World"]
 
@@ -82,6 +87,15 @@ class World:
         """True on global rank 0, the process that writes shared files and logs summaries."""
         return self.rank == 0
 
+    @property
+    def device(self) -> torch.device:
+        """This process's device: ``cuda:<local_rank>`` when CUDA is available and the process
+        group (if one is initialised) has a CUDA backend (``trainkit.init()``'s ``auto`` picks
+        ``cpu:gloo,cuda:nccl`` then), else ``cpu``."""
+        import torch
+
+        return torch.device("cuda", self.local_rank) if _uses_cuda(torch) else torch.device("cpu")
+
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
 
@@ -98,6 +112,21 @@ class World:
             if applies(env):
                 return read(env)
         return cls()
+
+
+def _uses_cuda(torch: Any) -> bool:
+    if not torch.cuda.is_available():
+        return False
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    # A CUDA backend other than gloo (nccl, or a device map such as "cpu:gloo,cuda:nccl"); plain
+    # "gloo" reports "cpu:gloo,cuda:gloo" and keeps training on the CPU.
+    entries = dict(
+        entry.split(":", 1) for entry in str(dist.get_backend_config()).split(",") if ":" in entry
+    )
+    return entries.get("cuda", "gloo") != "gloo"
 
 
 class _Env:

@@ -216,5 +216,7 @@ def _run_export(args: argparse.Namespace) -> int:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"trainkit ckpt export: {message}", file=sys.stderr)
         return 1
-    print(f"wrote {path} ({os.path.getsize(path) / 1e6:,.1f} MB, {time.monotonic() - started:.1f} s)")
+    print(
+        f"wrote {path} ({os.path.getsize(path) / 1e6:,.1f} MB, {time.monotonic() - started:.1f} s)"
+    )
     return 0

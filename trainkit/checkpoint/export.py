@@ -256,7 +256,9 @@ def load_full_state_dict(
         value = entries[key]
         if not isinstance(value, dict):
             return {key: _cast(value, torch_dtype)}
-        return _strip({name: _cast(item, torch_dtype) for name, item in value.items()}, strip_prefix)
+        return _strip(
+            {name: _cast(item, torch_dtype) for name, item in value.items()}, strip_prefix
+        )
     flat = reader.load_flat(reader.fqns_under(key))
     for fqn in flat:
         flat[fqn] = _cast(flat[fqn], torch_dtype)
@@ -315,7 +317,11 @@ def export_checkpoint(
                 torch.save(state, handle)
             else:
                 _write_safetensors(
-                    handle, _StepReader(store, step), key=key, dtype=dtype, strip_prefix=strip_prefix
+                    handle,
+                    _StepReader(store, step),
+                    key=key,
+                    dtype=dtype,
+                    strip_prefix=strip_prefix,
                 )
             handle.flush()
             os.fsync(handle.fileno())
@@ -360,16 +366,25 @@ def _safetensors_plan(
             else entry.properties.dtype
         )
         if str(out_dtype).removeprefix("torch.") not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"tensor {name!r} has dtype {out_dtype}, which safetensors cannot hold")
+            raise ValueError(
+                f"tensor {name!r} has dtype {out_dtype}, which safetensors cannot hold"
+            )
         plan.append((fqn, name, out_dtype, list(entry.size)))
     names = [name for _, name, _, _ in plan]
     if len(set(names)) != len(names):
-        raise ValueError(f"two tensors export under the same name after --strip-prefix {strip_prefix!r}")
+        raise ValueError(
+            f"two tensors export under the same name after --strip-prefix {strip_prefix!r}"
+        )
     return plan
 
 
 def _write_safetensors(
-    handle: Any, reader: _StepReader, *, key: str | None, dtype: str | None, strip_prefix: str | None
+    handle: Any,
+    reader: _StepReader,
+    *,
+    key: str | None,
+    dtype: str | None,
+    strip_prefix: str | None,
 ) -> None:
     """The safetensors layout (8-byte header length, JSON header, raw little-endian tensor bytes),
     written tensor by tensor so only one batch is in memory."""

@@ -47,6 +47,8 @@ def split_state(
         get_optimizer_state_dict,
     )
 
+    from trainkit.checkpoint.train_state import capture_plain
+
     modules = {name: value for name, value in state.items() if isinstance(value, nn.Module)}
     global_state: dict[str, Any] = {}
     entries: dict[str, Any] = {}
@@ -64,7 +66,7 @@ def split_state(
         elif is_stateful(value):
             entries[name] = value.state_dict()
         else:
-            entries[name] = value
+            entries[name] = capture_plain(value)
     return global_state, entries, modules
 
 

@@ -29,6 +29,7 @@ from trainkit.checkpoint.errors import (
 )
 from trainkit.checkpoint.groups import CheckpointGroups
 from trainkit.checkpoint.layout import rank_file_name, serialize_rank_state, split_state
+from trainkit.checkpoint.preempted_exit import exit_preempted, track_open_manager, untrack_manager
 from trainkit.checkpoint.restore import Restorer
 from trainkit.checkpoint.retention import plan_retention
 from trainkit.checkpoint.root import CheckpointRoot
@@ -38,7 +39,6 @@ from trainkit.preemption import (
     EXIT_PREEMPTED,
     GRACE_PERIOD_VARIABLE,
     PreemptionSignal,
-    exit_preempted,
     note_agreed_preemption,
     read_grace_period_s,
 )
@@ -134,6 +134,7 @@ class CheckpointManager:
         self._last_blocking_s: float | None = None
         self.last_save_time: float | None = None
         self._signal = PreemptionSignal(signals, timeout_s=self.grace_period_s)
+        track_open_manager(self)
 
     # ----- public API -------------------------------------------------------------------------
 
@@ -223,12 +224,20 @@ class CheckpointManager:
         self._raise_background_error()
 
     def close(self) -> None:
-        """Finish the in-flight save, put back the previous signal handlers; raises a pending error."""
+        """Finish the in-flight save, put back the previous signal handlers; raises a pending error.
+
+        After an agreed preemption the handlers stay: a second SIGTERM only sets the flag again.
+        """
         try:
             self.wait()
         finally:
             self._join_retention()
-            self._signal.restore()
+            self._signal.restore(stopping=self._should_stop)
+            untrack_manager(self)
+
+    def exit_preempted(self) -> None:
+        """After ``should_stop``: close this manager, leave the process group, exit 75."""
+        exit_preempted(self)
 
     def __enter__(self) -> CheckpointManager:
         return self

@@ -177,6 +177,7 @@ class Restorer:
         )
 
         from trainkit.checkpoint.rank_state import restore_rng_state
+        from trainkit.checkpoint.train_state import restore_plain
 
         for name, value in state.items():
             if name not in global_state:
@@ -233,7 +234,7 @@ class Restorer:
                     )
                 value.load_state_dict(own["entries"][name])
             else:
-                state[name] = own["entries"][name]
+                restore_plain(state, name, own["entries"][name])
         if self.capture_rng and own.get("rng") is not None:
             if same_world or _same_on_every_rank(
                 [rank_state.get("rng") for rank_state in rank_states]
