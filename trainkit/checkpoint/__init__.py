@@ -10,7 +10,13 @@ from trainkit.checkpoint.errors import (
     CorruptCheckpointError,
     UnsupportedCheckpointError,
 )
+from trainkit.checkpoint.export import (
+    NoCommittedStepError,
+    export_checkpoint,
+    load_full_state_dict,
+)
 from trainkit.checkpoint.manager import GRACE_PERIOD_VARIABLE, CheckpointManager, exit_preempted
+from trainkit.checkpoint.train_state import TrainState
 from trainkit.exit_codes import EXIT_PREEMPTED
 
 __all__ = [
@@ -22,6 +28,10 @@ __all__ = [
     "CheckpointNotWritableError",
     "CheckpointSaveError",
     "CorruptCheckpointError",
+    "NoCommittedStepError",
+    "TrainState",
     "UnsupportedCheckpointError",
     "exit_preempted",
+    "export_checkpoint",
+    "load_full_state_dict",
 ]

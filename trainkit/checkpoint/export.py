@@ -27,6 +27,7 @@ from trainkit.checkpoint.errors import (
     CheckpointError,
     CorruptCheckpointError,
     UnsupportedCheckpointError,
+    find_corruption,
 )
 from trainkit.checkpoint.layout import rank_file_name
 from trainkit.checkpoint.root import CheckpointRoot
@@ -152,6 +153,7 @@ class _StepReader:
         """``{fqn: value}`` for these flattened keys: full tensors joined from every saved rank."""
         import torch
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
         from trainkit.checkpoint.dcp_storage import SafeLoadPlanner, TrainkitStorageReader
@@ -171,12 +173,18 @@ class _StepReader:
         with warnings.catch_warnings():
             # no_dist is the point here (one process reads every rank's files), not a mistake.
             warnings.filterwarnings("ignore", "torch.distributed is disabled")
-            dcp.load(
-                flat,
-                storage_reader=reader,
-                planner=SafeLoadPlanner(step=self.step),
-                no_dist=True,
-            )
+            try:
+                dcp.load(
+                    flat,
+                    storage_reader=reader,
+                    planner=SafeLoadPlanner(step=self.step),
+                    no_dist=True,
+                )
+            except (Exception, CheckpointException) as error:  # DCP's is a BaseException
+                corrupt = find_corruption(error)
+                if corrupt is not None:
+                    raise corrupt from None
+                raise
         return flat
 
     def rank_entries(self) -> dict[str, Any]:
