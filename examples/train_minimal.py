@@ -144,9 +144,7 @@ def main() -> None:
         if checkpoints is not None:
             checkpoints.maybe_save(step, {"model": model, "optimizer": optimizer, "loader": loader})
             if checkpoints.should_stop:  # SIGTERM: this step is saved on every rank
-                checkpoints.close()
-                trainkit.shutdown()
-                exit_preempted()  # exit 75, which the Job's podFailurePolicy treats as retriable
+                exit_preempted()  # close, leave the group, exit 75 (the Job's podFailurePolicy retries)
     if checkpoints is not None:
         checkpoints.close()
     if world.is_main:
