@@ -247,7 +247,8 @@ def load_full_state_dict(
     them, plus rank 0's per-rank entries (plain data, loader state; never RNG states). With ``key``
     (e.g. ``"model"``): only that entry's state dict. Module keys are the bare module's: DDP's
     ``module.`` and ``torch.compile``'s ``_orig_mod.`` were already dropped at save; ``strip_prefix``
-    removes another prefix from the returned keys where present. ``dtype`` (``bf16``, ``fp16``,
+    removes another prefix where present from the keys of ``key``'s entry (of ``"model"`` without
+    ``key``). ``dtype`` (``bf16``, ``fp16``,
     ``fp32``) casts floating-point tensors. Every byte read is checked against the commit record;
     a damaged file raises ``CorruptCheckpointError`` naming it.
     """
@@ -372,7 +373,8 @@ def _safetensors_plan(
     plan = []
     for fqn in fqns:
         path = planner.get(fqn, (fqn,))
-        name = ".".join(str(part) for part in (path[1:] if key is not None else path))
+        inside = path[1:] if key is not None and len(path) > 1 else path  # a tensor entry: its key
+        name = ".".join(str(part) for part in inside)
         if strip_prefix:
             name = name.removeprefix(strip_prefix)
         entry = metadata[fqn]

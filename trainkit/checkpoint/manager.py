@@ -14,7 +14,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterable, MutableMapping
-from typing import Any
+from typing import Any, NoReturn
 
 from trainkit.checkpoint.blocks import BufferPool
 from trainkit.checkpoint.commit import (
@@ -235,7 +235,7 @@ class CheckpointManager:
             self._signal.restore(stopping=self._should_stop)
             untrack_manager(self)
 
-    def exit_preempted(self) -> None:
+    def exit_preempted(self) -> NoReturn:
         """After ``should_stop``: close this manager, leave the process group, exit 75."""
         exit_preempted(self)
 
