@@ -38,7 +38,7 @@ def split_state(
 
     Global: modules and optimizers (as DCP state dicts) and top-level tensors. Per rank (only
     captured when ``per_rank``): ``torch.Generator`` states, ``state_dict()`` of other Stateful
-    objects, and plain data as it is.
+    objects, and plain data as it is (a dataclass object as a dict of its fields).
     """
     import torch
     from torch import nn
