@@ -150,8 +150,12 @@ def _validate_nproc_per_node(parser: argparse.ArgumentParser, nproc: str) -> Non
     That includes an out-of-tree accelerator's name (``npu``) once its backend is loaded, as torch
     does when it imports. A name torch refuses is a usage error with torch's reason.
     """
-    if nproc.isascii() and nproc.isdigit():
-        if int(nproc) == 0:
+    try:
+        number = int(nproc)
+    except ValueError:
+        pass
+    else:
+        if number < 1:
             parser.error(f"--nproc-per-node {nproc}: must be at least 1")
         return
     from torch.distributed.run import determine_local_world_size
