@@ -99,14 +99,6 @@ def test_a_directory_with_main_runs_as_torchrun_runs_it(tmp_path: Path) -> None:
     assert records(tmp_path / "trainkit")["rank-0"] == {**theirs, "argv": ["app", "trainkit"]}
 
 
-def test_a_directory_without_main_is_a_usage_error(tmp_path: Path) -> None:
-    (tmp_path / "app").mkdir()
-    result = launch([*TRAINKIT_RUN, "--standalone", "app"], tmp_path, clean_env())
-    assert result.returncode == 2
-    assert "training script 'app' is a directory without __main__.py" in result.stderr
-    assert "Traceback" not in result.stderr
-
-
 def fake_npu_site(tmp_path: Path) -> Path:
     site = tmp_path / "site"
     (site / "fake_npu-1.0.dist-info").mkdir(parents=True)
@@ -139,16 +131,15 @@ def test_nproc_per_node_accepts_an_out_of_tree_accelerator_as_torchrun_does(
 def test_nproc_per_node_refused_by_torch_is_a_usage_error_with_its_reason(
     tmp_path: Path,
 ) -> None:
+    # torchrun raises ValueError("npu is not available.") here (a traceback, exit 1); trainkit-run
+    # gives the same reason as a usage error. Without the backend, the unit tests compare in-process.
     site = fake_npu_site(tmp_path)
     env = clean_env(PYTHONPATH=f"{REPO}{os.pathsep}{site}", FAKE_NPU_COUNT="0")
-    reason = "npu is not available."  # the backend is loaded, its device is not there
     (tmp_path / "record.py").write_text(RECORDER)
     command = ["--standalone", "--nproc-per-node", "npu", "record.py", str(tmp_path)]
-    theirs = launch([*TORCHRUN, *command], tmp_path, env)
     ours = launch([*TRAINKIT_RUN, *command], tmp_path, env)
-    assert theirs.returncode == 1 and f"ValueError: {reason}" in theirs.stderr
     assert ours.returncode == 2
-    assert f"trainkit-run: error: --nproc-per-node 'npu': {reason}" in ours.stderr
+    assert "trainkit-run: error: --nproc-per-node 'npu': npu is not available." in ours.stderr
     assert "Traceback" not in ours.stderr
     assert not list(tmp_path.glob("rank-*.json"))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 from torch.distributed.run import get_args_parser
@@ -178,3 +179,19 @@ def test_nproc_per_node_is_accepted_exactly_when_torchrun_accepts_it(
     (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert f"--nproc-per-node {value}" in line.replace("'", "")
     assert torch_error is None or torch_error in line  # torch's own reason, e.g. no CUDA
+
+
+def test_a_directory_is_a_script_only_with_main(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from launchers.run import _validate
+
+    parser = build_parser()
+    app = tmp_path / "app"
+    app.mkdir()
+    with pytest.raises(SystemExit) as exited:
+        _validate(parser, parser.parse_args([str(app)]))
+    assert exited.value.code == 2
+    assert f"training script '{app}' is a directory without __main__.py" in capsys.readouterr().err
+    (app / "__main__.py").write_text("print('hello')\n")
+    _validate(parser, parser.parse_args([str(app)]))  # python runs it, so torchrun does
