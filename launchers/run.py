@@ -39,6 +39,9 @@ __all__ = [
 
 logger = logging.getLogger("trainkit.run")
 
+#: What makes a directory runnable as ``python DIR`` (runpy looks up the module ``__main__``).
+MAIN_FILES = ("__main__.py", "__main__.pyc")
+
 #: torch's switch for the agent store it shares with workers across restarts (see ``run``).
 SHARED_STORE_VARIABLE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
@@ -115,11 +118,7 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         parser.error(f"--max-restarts {args.max_restarts}: must be 0 or more")
     if args.shutdown_timeout is not None and args.shutdown_timeout < 0:
         parser.error(f"--shutdown-timeout {args.shutdown_timeout}: must be 0 or more seconds")
-    nproc = str(args.nproc_per_node)
-    if not (nproc.isdigit() and int(nproc) > 0) and nproc not in {"auto", "cpu", "gpu", "xpu"}:
-        parser.error(
-            f"--nproc-per-node {nproc!r}: expected a positive integer or auto, cpu, gpu, xpu"
-        )
+    _validate_nproc_per_node(parser, str(args.nproc_per_node))
     if args.module and args.no_python and not args.run_path:
         # torch refuses this too, but only after the worker bootstrap has rewritten the command.
         parser.error("-m and --no-python cannot be used together: pick a module or a program")
@@ -131,11 +130,45 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
             parser.error(
                 f"program {script!r} not found (with --no-python it must be an executable on PATH)"
             )
+    elif Path(script).is_dir():
+        # `python DIR` (what torchrun starts) runs DIR/__main__.py, as for a zip archive.
+        if not any((Path(script) / name).is_file() for name in MAIN_FILES):
+            parser.error(
+                f"training script {script!r} is a directory without __main__.py; python can only "
+                "run a directory that has one (or give the script inside it)"
+            )
     elif not Path(script).is_file():
         parser.error(
             f"training script {script!r} does not exist (looked in {os.getcwd()}); "
             "use -m for a module, --no-python for a program"
         )
+
+
+def _validate_nproc_per_node(parser: argparse.ArgumentParser, nproc: str) -> None:
+    """Accept exactly what torchrun accepts, through torch's own resolver.
+
+    That includes an out-of-tree accelerator's name (``npu``) once its backend is loaded, as torch
+    does when it imports. A name torch refuses is a usage error with torch's reason.
+    """
+    try:
+        number = int(nproc)
+    except ValueError:
+        pass
+    else:
+        if number < 1:
+            parser.error(f"--nproc-per-node {nproc}: must be at least 1")
+        return
+    from torch.distributed.run import determine_local_world_size
+
+    try:
+        count = determine_local_world_size(nproc)
+    except (RuntimeError, ValueError) as error:
+        parser.error(
+            f"--nproc-per-node {nproc!r}: {error} (torch accepts a positive integer, auto, cpu, "
+            "gpu, xpu or the name of a loaded out-of-tree accelerator backend)"
+        )
+    if count < 1:
+        parser.error(f"--nproc-per-node {nproc}: this machine has no {nproc} device to run on")
 
 
 def apply_trainkit_defaults(

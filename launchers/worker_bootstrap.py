@@ -8,10 +8,13 @@ would (``__main__``, the same argv, sys.path and environment). It never imports 
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import os
+import pkgutil
 import runpy
 import signal
 import sys
+import zipfile
 from collections.abc import Sequence
 
 __all__ = ["MODES", "bootstrap_argv", "die_with_parent", "main"]
@@ -51,9 +54,29 @@ def die_with_parent(expected_parent_pid: int) -> bool:
 def _run_script(path: str, args: Sequence[str]) -> None:
     # What `python path` does: argv[0] is the path as given, sys.path[0] the script's real directory.
     sys.argv = [path, *args]
+    if os.path.isdir(path) or zipfile.is_zipfile(path):
+        _run_main_of(path)
+        return
     if not sys.flags.safe_path:
         sys.path[0] = os.path.dirname(os.path.realpath(path))
     runpy.run_path(path, run_name="__main__")
+
+
+def _run_main_of(path: str) -> None:
+    # What `python DIR` (or `python app.zip`) does: the absolute DIR is sys.path[0] and DIR's
+    # __main__ module runs as __main__ with argv[0] as given. runpy.run_path would rewrite argv[0].
+    entry = os.path.abspath(path)
+    if sys.flags.safe_path:
+        sys.path.insert(0, entry)
+    else:
+        sys.path[0] = entry
+    importer = pkgutil.get_importer(entry)
+    spec = None if importer is None else importer.find_spec("__main__")
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"{sys.executable}: can't find '__main__' module in {path!r}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["__main__"] = module
+    spec.loader.exec_module(module)
 
 
 def _run_module(name: str, args: Sequence[str]) -> None:

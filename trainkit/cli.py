@@ -32,7 +32,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _print_world(args: argparse.Namespace) -> int:
     from trainkit.world import World
 
-    print(json.dumps(World.from_env().as_dict(), indent=2))
+    try:
+        world = World.from_env()
+    except ValueError as error:  # a contradictory environment: its message names the variables
+        print(f"trainkit world: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(world.as_dict(), indent=2))
     return 0
 
 

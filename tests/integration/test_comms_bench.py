@@ -110,9 +110,36 @@ def test_min_busbw_is_a_gate(tmp_path: Path) -> None:
             str(out),
         ]
     )
-    assert code != 0, output[-3000:]
+    assert code == 1, output[-3000:]
     assert "GATE FAILED: all_reduce at 262144 bytes" in output
+    # The gate's verdict is the whole story: no torchrun ChildFailedError traceback after it.
+    assert "Traceback" not in output and "ChildFailedError" not in output
     assert json.loads(out.read_text())["gate"]["failures"]
+
+
+def test_pairwise_gate_fails_when_the_world_has_one_pod() -> None:
+    # A world of one pod: there is no pair, and a gate that measured nothing must fail.
+    code, output = run_cli(
+        [
+            "bench",
+            "collectives",
+            "--nproc-per-node",
+            "1",
+            "--pairwise",
+            "--pair-bytes",
+            "4K",
+            "-n",
+            "1",
+            "-w",
+            "0",
+            "--min-busbw",
+            "0.000001",
+        ]
+    )
+    assert code == 1, output[-3000:]
+    assert "the world has one pod, so there is no pod pair to measure" in output
+    assert "GATE FAILED: no pod pair to check against --min-busbw 1e-06" in output
+    assert "Traceback" not in output
 
 
 def free_port() -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import pytest
 from torch.distributed.run import get_args_parser
@@ -153,3 +154,44 @@ def test_local_rendezvous_is_trainkits_loopback_backend(argv: list[str], replace
         assert args.rdzv_id not in {"none", "mine"}  # a fresh random id, as torchrun gives
     else:
         assert (args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id) == before
+
+
+@pytest.mark.parametrize("value", ["4", "cpu", "auto", "gpu", "xpu", "npu", "0", "-1", "two"])
+def test_nproc_per_node_is_accepted_exactly_when_torchrun_accepts_it(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from torch.distributed.run import determine_local_world_size
+
+    from launchers.run import _validate
+
+    try:
+        torch_error, torch_ok = None, determine_local_world_size(value) >= 1
+    except (RuntimeError, ValueError) as error:
+        torch_error, torch_ok = str(error), False
+    parser = build_parser()
+    args = parser.parse_args(["--nproc-per-node", value, __file__])
+    if torch_ok:
+        _validate(parser, args)
+        return
+    with pytest.raises(SystemExit) as exited:
+        _validate(parser, args)
+    assert exited.value.code == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert f"--nproc-per-node {value}" in line.replace("'", "")
+    assert torch_error is None or torch_error in line  # torch's own reason, e.g. no CUDA
+
+
+def test_a_directory_is_a_script_only_with_main(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from launchers.run import _validate
+
+    parser = build_parser()
+    app = tmp_path / "app"
+    app.mkdir()
+    with pytest.raises(SystemExit) as exited:
+        _validate(parser, parser.parse_args([str(app)]))
+    assert exited.value.code == 2
+    assert f"training script '{app}' is a directory without __main__.py" in capsys.readouterr().err
+    (app / "__main__.py").write_text("print('hello')\n")
+    _validate(parser, parser.parse_args([str(app)]))  # python runs it, so torchrun does

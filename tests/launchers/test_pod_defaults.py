@@ -36,7 +36,7 @@ def test_inside_a_pod_uses_the_k8s_backend_with_node_count_from_env() -> None:
 def test_service_flag_wins_over_env_and_port_from_env() -> None:
     args = parse([])
     args.service = "jobsvc"
-    apply_pod_defaults(args, set(), {**POD, "TRAINKIT_RDZV_PORT": "29500"})
+    apply_pod_defaults(args, set(), {**POD, "TRAINKIT_NNODES": "2", "TRAINKIT_RDZV_PORT": "29500"})
     assert args.rdzv_endpoint == "jobsvc:29500"
 
 
@@ -59,8 +59,9 @@ def test_subdomain_is_the_service_when_nothing_else_names_one(
     )
     monkeypatch.setattr(pod_defaults, "read_pod_identity", lambda env: identity)
     args = parse([])
-    notes = apply_pod_defaults(args, set(), {"KUBERNETES_SERVICE_HOST": "10.96.0.1"})
-    assert (args.rdzv_backend, args.rdzv_endpoint, args.nnodes) == ("k8s", "mysvc:29400", "1:1")
+    in_pod = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "TRAINKIT_NNODES": "2"}
+    notes = apply_pod_defaults(args, set(), in_pod)
+    assert (args.rdzv_backend, args.rdzv_endpoint, args.nnodes) == ("k8s", "mysvc:29400", "2")
     assert "subdomain" in notes[0] and "TRAINKIT_NNODES" in notes[1]
     monkeypatch.setattr(
         pod_defaults,
@@ -68,10 +69,7 @@ def test_subdomain_is_the_service_when_nothing_else_names_one(
         lambda env: PodIdentity(**{**identity.__dict__, "subdomain": None}),
     )
     args = parse([])
-    assert (
-        "no headless Service"
-        in apply_pod_defaults(args, set(), {"KUBERNETES_SERVICE_HOST": "10.96.0.1"})[0]
-    )
+    assert "no headless Service" in apply_pod_defaults(args, set(), in_pod)[0]
     assert args.rdzv_backend == "static"
 
 
@@ -147,7 +145,9 @@ def test_local_addr_is_the_pod_ip_that_identity_found(monkeypatch: pytest.Monkey
     )
     monkeypatch.setattr(pod_defaults, "read_pod_identity", lambda env: identity)
     args = parse([])
-    notes = apply_pod_defaults(args, set(), {"KUBERNETES_SERVICE_HOST": "10.96.0.1"})
+    notes = apply_pod_defaults(
+        args, set(), {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "TRAINKIT_NNODES": "1:4"}
+    )
     assert args.local_addr == "10.4.0.9"
     assert "--local-addr 10.4.0.9 (the pod IP, from /etc/hosts)" in notes
 
@@ -155,3 +155,60 @@ def test_local_addr_is_the_pod_ip_that_identity_found(monkeypatch: pytest.Monkey
 def test_a_pod_ip_that_is_not_an_address_is_refused() -> None:
     with pytest.raises(ValueError, match=r"POD_IP: 'pod-ip' is not an IP address.*status\.podIP"):
         apply_pod_defaults(parse([]), set(), {**POD, "POD_IP": "pod-ip"})
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "said"),
+    [
+        ([], {}, "no node count given"),
+        ([], {"TRAINKIT_NNODES": "1"}, "TRAINKIT_NNODES says 1"),
+        (["--nnodes", "1:1"], {"TRAINKIT_NNODES": "3"}, "--nnodes says 1"),
+        ([], {"PET_NNODES": "1"}, "--nnodes says 1"),  # torchrun's own variable for --nnodes
+    ],
+)
+def test_one_node_in_a_statefulset_pod_stays_torchrun(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], env: dict[str, str], said: str
+) -> None:
+    # `trainkit-run --nproc-per-node 1 train.py` in a StatefulSet pod with a Service: nothing says
+    # there is a second node, so no k8s rendezvous (which needs peers and a job token).
+    import launchers.pod_defaults as pod_defaults
+    from trainkit.k8s.identity import PodIdentity
+
+    identity = PodIdentity(
+        hostname="notebook-1",
+        subdomain="train",
+        namespace="ml",
+        cluster_domain="cluster.local",
+        pod_name=None,
+        pod_ip="10.4.0.9",
+        workload="statefulset",
+        ordinal=1,
+        name_prefix="notebook",
+    )
+    monkeypatch.setattr(pod_defaults, "read_pod_identity", lambda env: identity)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)  # PET_NNODES reaches --nnodes through torchrun's parser
+    args = parse(["--nproc-per-node", "1", *argv])
+    before = vars(args).copy()
+    explicit = {"nnodes"} if argv or "PET_NNODES" in env else set()
+    (note,) = apply_pod_defaults(args, explicit, {**POD, **env})
+    assert vars(args) == before
+    assert note.startswith(f"pod defaults off: one node ({said})")
+    assert "ordinal 1 of a statefulset" in note
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "nnodes"),
+    [
+        ([], {"TRAINKIT_NNODES": "2"}, "2"),
+        ([], {"TRAINKIT_NNODES": "1:8"}, "1:8"),  # elastic: one pod now, up to eight
+        (["--nnodes", "1:4"], {}, "1:4"),
+        (["--nnodes", "3"], {"TRAINKIT_NNODES": "1"}, "3"),  # the command line wins
+    ],
+)
+def test_more_than_one_node_turns_pod_defaults_on(
+    argv: list[str], env: dict[str, str], nnodes: str
+) -> None:
+    args = parse(argv)
+    apply_pod_defaults(args, {"nnodes"} if argv else set(), {**POD, **env})
+    assert (args.rdzv_backend, args.nnodes) == ("k8s", nnodes)

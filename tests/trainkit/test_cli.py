@@ -40,3 +40,20 @@ def test_no_subcommand_prints_help_and_exits_2() -> None:
     )
     assert result.returncode == 2
     assert "world" in result.stdout
+
+
+def test_world_subcommand_names_a_contradictory_environment_in_one_line() -> None:
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "RANK": "5", "WORLD_SIZE": "2"}
+    result = subprocess.run(
+        [sys.executable, "-c", "from trainkit.cli import main; main()", "world"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "trainkit world: invalid World from source 'env': rank (5) must be in [0, world_size=2) "
+        "(environment: RANK=5, WORLD_SIZE=2)"
+    ]

@@ -25,6 +25,7 @@ from trainkit.env_vars import APPLIED_VARIABLE
 from trainkit.world import World
 
 __all__ = [
+    "ONE_POD_MESSAGE",
     "BenchConfig",
     "Measurement",
     "PairResult",
@@ -43,6 +44,12 @@ __all__ = [
 ]
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+#: What ``--pairwise`` reports when every rank runs in one pod (a pod is led by its local rank 0).
+ONE_POD_MESSAGE = (
+    "pairwise: the world has one pod, so there is no pod pair to measure; run it with "
+    "trainkit-run across two or more pods"
+)
 
 
 def parse_size(text: str) -> int:
@@ -426,18 +433,24 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--json", dest="json_path", default=None, help="rank 0 writes results here as JSON"
     )
+    # For `trainkit bench collectives` standalone: a failed gate is a result, not a crashed rank,
+    # so the ranks exit 0 and the parent exits 1 from the JSON (torchrun would print a traceback).
+    parser.add_argument("--gate-in-json", action="store_true", help=argparse.SUPPRESS)
 
 
 def run_in_world(args: argparse.Namespace) -> int:
     """Join the launched world, run the sweep (or pairwise mode), print and write on rank 0.
 
-    Returns 1 when ``--min-busbw`` is given and not met, else 0; every rank returns the same code.
+    Returns 1 when ``--min-busbw`` is given and not met (``--pairwise`` in one pod never meets it),
+    else 0; every rank returns the same code. With ``--gate-in-json`` the verdict is only written.
     """
     import torch
 
     import trainkit
 
     # Validate flags before joining, so a typo fails fast on every rank.
+    if args.gate_in_json and not args.json_path:
+        raise SystemExit("--gate-in-json needs --json PATH: the verdict is written there")
     pair_bytes = parse_size(args.pair_bytes)
     config = BenchConfig(
         operations=tuple(op.strip() for op in args.ops.split(",") if op.strip()),
@@ -474,7 +487,7 @@ def run_in_world(args: argparse.Namespace) -> int:
                 {p.ranks: p.gbps for p in pairs}, threshold=args.slow_threshold
             )
             document.update(pairs=[asdict(p) for p in pairs], slow_links=asdict(report))
-            text = format_pairwise(pairs, report)
+            text = format_pairwise(pairs, report) if pairs else ONE_POD_MESSAGE
             if args.min_busbw is not None:
                 failures = [
                     f"pair {p.ranks} ({p.hosts[0]} <-> {p.hosts[1]}): {p.gbps:.3f} GB/s "
@@ -482,6 +495,8 @@ def run_in_world(args: argparse.Namespace) -> int:
                     for p in pairs
                     if p.gbps < args.min_busbw
                 ]
+                if not pairs:  # a gate that measured nothing must not pass
+                    failures = [f"no pod pair to check against --min-busbw {args.min_busbw:g}"]
         else:
             measurements = run_collectives(config, device=device)
             document["measurements"] = [asdict(m) for m in measurements]
@@ -499,7 +514,7 @@ def run_in_world(args: argparse.Namespace) -> int:
                     json.dump(document, handle, indent=2)
     finally:
         trainkit.shutdown()
-    return 1 if failures else 0
+    return 1 if failures and not args.gate_in_json else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -7,9 +7,11 @@ otherwise it starts ``--nproc-per-node`` local processes with torch's own launch
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
+import tempfile
 
 from trainkit.comms.bench import add_bench_arguments
 
@@ -35,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     collectives.set_defaults(func=run_collectives_command)
 
 
-def _forwarded(args: argparse.Namespace) -> list[str]:
+def _forwarded(args: argparse.Namespace, json_path: str) -> list[str]:
     flags = [
         "--ops",
         args.ops,
@@ -62,9 +64,7 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
         flags += ["--min-busbw", str(args.min_busbw)]
     if args.pairwise:
         flags.append("--pairwise")
-    if args.json_path:
-        flags += ["--json", os.path.abspath(args.json_path)]
-    return flags
+    return [*flags, "--json", json_path, "--gate-in-json"]
 
 
 def run_collectives_command(args: argparse.Namespace) -> int:
@@ -75,14 +75,23 @@ def run_collectives_command(args: argparse.Namespace) -> int:
         return bench.run_in_world(args)
     if args.nproc_per_node < 1:
         raise SystemExit(f"--nproc-per-node ({args.nproc_per_node}) must be at least 1")
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={args.nproc_per_node}",
-        "-m",
-        "trainkit.comms.bench",
-        *_forwarded(args),
-    ]
-    return subprocess.call(command)
+    with tempfile.TemporaryDirectory(prefix="trainkit-bench-") as scratch:
+        # The ranks write the gate's verdict instead of exiting 1 with it: torchrun would turn a
+        # failed gate into a ChildFailedError traceback. A crashed rank still fails torchrun.
+        json_path = os.path.abspath(args.json_path or os.path.join(scratch, "bench.json"))
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={args.nproc_per_node}",
+            "-m",
+            "trainkit.comms.bench",
+            *_forwarded(args, json_path),
+        ]
+        code = subprocess.call(command)
+        if code != 0 or args.min_busbw is None:
+            return code
+        with open(json_path) as handle:
+            failures = json.load(handle)["gate"]["failures"]
+    return 1 if failures else 0

@@ -1,7 +1,8 @@
 """The pod's metric families, built on each scrape from the workers' slots and the GPU sampler.
 
-Series carry only pod-level labels (pod, namespace, node; gpu and uuid for GPU series): never a
-pid, rank or restart label, so the number of series is fixed however often workers restart.
+Series carry only pod-level labels (pod, namespace, node; for GPU series also DCGM's UUID and
+modelName and the in-container index): never a pid, rank or restart label, so the number of series
+is fixed however often workers restart.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from trainkit.k8s.identity import PodIdentity
-from trainkit.metrics.gpu import GpuReading, GpuSampler
+from trainkit.metrics.gpu import GPU_LABELS, GpuReading, GpuSampler, gpu_label_values
 from trainkit.metrics.slots import (
     CHECKPOINT_BUCKETS_S,
     STEP_BUCKETS_S,
@@ -302,12 +303,12 @@ class PodCollector(Collector):
             )
 
     def _gpus(self, readings: list[GpuReading]) -> Iterator[Metric]:
-        names = [*self.labels, "gpu", "uuid"]
+        names = [*self.labels, *GPU_LABELS]
         pod_values = list(self.labels.values())
         info = GaugeMetricFamily(
             "trainkit_gpu_info",
-            "GPUs this pod sees (value 1), with the model name.",
-            labels=[*names, "name"],
+            "GPUs this pod sees (value 1), labelled like DCGM's series (UUID, modelName).",
+            labels=names,
         )
         series = (
             (
@@ -326,8 +327,8 @@ class PodCollector(Collector):
             for name, documentation, attribute in series
         ]
         for reading in readings:
-            values = [*pod_values, str(reading.index), reading.uuid]
-            info.add_metric([*values, reading.name], 1.0)
+            values = [*pod_values, *gpu_label_values(reading)]
+            info.add_metric(values, 1.0)
             for family, attribute in families:
                 value = getattr(reading, attribute)
                 if value is not None:

@@ -11,22 +11,47 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["GpuReading", "GpuSampler", "load_nvml", "read_gpus"]
+__all__ = [
+    "CONTAINER_INDEX_LABEL",
+    "GPU_LABELS",
+    "MODEL_LABEL",
+    "UUID_LABEL",
+    "GpuReading",
+    "GpuSampler",
+    "gpu_label_values",
+    "load_nvml",
+    "read_gpus",
+]
+
+#: dcgm-exporter's label names and values, so ``on(UUID)`` joins trainkit's GPU series with DCGM's.
+UUID_LABEL = "UUID"
+MODEL_LABEL = "modelName"
+#: NVML's index of the GPU inside this container. Not DCGM's ``gpu`` label, the host's index: a
+#: pod given GPUs 4-7 of a node sees them as 0-3, so a join on a shared ``gpu`` label would pair
+#: the wrong devices.
+CONTAINER_INDEX_LABEL = "container_gpu"
+#: The labels of every ``trainkit_gpu_*`` series, after the pod's own.
+GPU_LABELS = (CONTAINER_INDEX_LABEL, UUID_LABEL, MODEL_LABEL)
 
 
 @dataclass(frozen=True)
 class GpuReading:
     """One GPU at one moment; a field is None when the device does not support that reading."""
 
-    index: int
-    uuid: str
-    name: str
+    index: int  # NVML's, inside this container
+    uuid: str  # "GPU-<8>-<4>-<4>-<4>-<12>" hex, as NVML (and DCGM's UUID label) write it
+    name: str  # the model, as NVML (and DCGM's modelName label) write it
     utilization_ratio: float | None
     memory_used_bytes: float | None
     memory_total_bytes: float | None
     power_watts: float | None
     temperature_celsius: float | None
     sm_clock_hertz: float | None
+
+
+def gpu_label_values(reading: GpuReading) -> list[str]:
+    """Values of ``GPU_LABELS`` for one GPU."""
+    return [str(reading.index), reading.uuid, reading.name]
 
 
 def load_nvml() -> tuple[Any | None, str]:

@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
+#: UUIDs as NVML (and dcgm-exporter's UUID label) write them: "GPU-" and a hex UUID.
+UUID_0 = "GPU-5f2a7c1e-3b9d-4e8a-a1f0-6c2d9e4b7a13"
+UUID_1 = "GPU-c81d04b2-97e5-4f3c-b6a8-2e7f1d90c546"
+
 
 class FakeNVMLError(Exception):
     pass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from tests.trainkit.metrics.fake_nvml import FakeGpu, FakeNvml
+from tests.trainkit.metrics.fake_nvml import UUID_0, UUID_1, FakeGpu, FakeNvml
 from tests.trainkit.metrics.jobs import parse_exposition, value
 from trainkit.k8s.identity import PodFiles, PodIdentity, read_pod_identity
 from trainkit.metrics.collector import METRIC_NAMES, PodCollector, pod_labels
@@ -125,36 +126,27 @@ def test_torn_or_foreign_files_are_skipped(tmp_path: Path) -> None:
     )
 
 
-def test_gpu_series_carry_gpu_uuid_and_pod_labels(tmp_path: Path) -> None:
-    sampler = GpuSampler(FakeNvml([FakeGpu("GPU-a"), FakeGpu("GPU-b", power_mw=None)]))
+def test_gpu_series_carry_dcgm_labels_and_pod_labels(tmp_path: Path) -> None:
+    sampler = GpuSampler(FakeNvml([FakeGpu(UUID_0), FakeGpu(UUID_1, power_mw=None)]))
     sampler.sample()
     samples = exposition(PodCollector(tmp_path, labels=LABELS, job_start_unix_s=0.0, gpu=sampler))
-    key = 'trainkit_gpu_utilization_ratio{gpu="0",namespace="ml",pod="train-0",uuid="GPU-a"}'
-    assert samples[key] == pytest.approx(0.87)
-    assert (
-        samples[
-            'trainkit_gpu_memory_total_bytes{gpu="1",namespace="ml",pod="train-0",uuid="GPU-b"}'
-        ]
-        == 80 * 2**30
-    )
-    assert (
-        samples['trainkit_gpu_sm_clock_hertz{gpu="0",namespace="ml",pod="train-0",uuid="GPU-a"}']
-        == 1.98e9
-    )
-    assert (
-        samples[
-            'trainkit_gpu_info{gpu="0",name="NVIDIA H100 80GB HBM3",namespace="ml",pod="train-0",uuid="GPU-a"}'
-        ]
-        == 1
-    )
+    model = 'modelName="NVIDIA H100 80GB HBM3"'
+    first = f'{{UUID="{UUID_0}",container_gpu="0",{model},namespace="ml",pod="train-0"}}'
+    second = f'{{UUID="{UUID_1}",container_gpu="1",{model},namespace="ml",pod="train-0"}}'
+    assert samples["trainkit_gpu_utilization_ratio" + first] == pytest.approx(0.87)
+    assert samples["trainkit_gpu_memory_total_bytes" + second] == 80 * 2**30
+    assert samples["trainkit_gpu_sm_clock_hertz" + first] == 1.98e9
+    assert samples["trainkit_gpu_info" + first] == samples["trainkit_gpu_info" + second] == 1
     power = [k for k in samples if k.startswith("trainkit_gpu_power_watts")]
-    assert power == ['trainkit_gpu_power_watts{gpu="0",namespace="ml",pod="train-0",uuid="GPU-a"}']
+    assert power == ["trainkit_gpu_power_watts" + first]
     assert value(samples, "trainkit_gpu_sampling_errors_total") == 0
+    # DCGM's `gpu` (the host's index) is never used: a join on it would pair the wrong devices.
+    assert not any(re.search(r'[{,]gpu="', key) for key in samples)
 
 
 def test_every_exposed_family_is_listed(tmp_path: Path) -> None:
     Recorder(tmp_path, world(0)).step(1, loss=1.0)
-    sampler = GpuSampler(FakeNvml([FakeGpu("GPU-a")]))
+    sampler = GpuSampler(FakeNvml([FakeGpu(UUID_0)]))
     sampler.sample()
     families = {
         metric.name

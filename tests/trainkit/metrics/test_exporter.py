@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainkit.metrics.fake_nvml import FakeGpu, FakeNvml
+from tests.trainkit.metrics.fake_nvml import UUID_0, FakeGpu, FakeNvml
 from tests.trainkit.metrics.jobs import parse_exposition, value
 from tests.trainkit.metrics.prometheus_server import scrape
 from trainkit.k8s.identity import PodFiles, PodIdentity, read_pod_identity
@@ -46,12 +46,13 @@ def test_serves_worker_slots_and_cleans_up(capsys: pytest.CaptureFixture[str]) -
 
 
 def test_gpu_series_through_the_endpoint(capsys: pytest.CaptureFixture[str]) -> None:
-    nvml = FakeNvml([FakeGpu("GPU-a")])
+    nvml = FakeNvml([FakeGpu(UUID_0)])
     with start_agent_exporter(
         0, addr="127.0.0.1", env={}, nvml_loader=lambda: (nvml, "1 GPU(s) via fake")
     ) as exporter:
         samples = parse_exposition(scrape(exporter.port))
-    assert samples['trainkit_gpu_temperature_celsius{gpu="0",uuid="GPU-a"}'] == 61
+    labels = f'UUID="{UUID_0}",container_gpu="0",modelName="NVIDIA H100 80GB HBM3"'
+    assert samples[f"trainkit_gpu_temperature_celsius{{{labels}}}"] == 61
     assert "1 GPU(s) via fake" in capsys.readouterr().err
     assert nvml.calls[-1] == "shutdown"
 

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 
 import pytest
 
-from tests.trainkit.metrics.fake_nvml import FakeGpu, FakeNvml
+from tests.trainkit.metrics.fake_nvml import UUID_0, UUID_1, FakeGpu, FakeNvml
 from trainkit.metrics.gpu import GpuSampler, load_nvml, read_gpus
+
+DCGM_UUID = re.compile(r"GPU-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def test_fake_uuids_are_written_as_nvml_and_dcgm_write_them() -> None:
+    assert DCGM_UUID.fullmatch(UUID_0) and DCGM_UUID.fullmatch(UUID_1)
 
 
 def test_readings_in_base_units() -> None:
-    nvml = FakeNvml([FakeGpu("GPU-a"), FakeGpu("GPU-b", utilization_percent=5, power_mw=None)])
+    nvml = FakeNvml([FakeGpu(UUID_0), FakeGpu(UUID_1, utilization_percent=5, power_mw=None)])
     first, second = read_gpus(nvml)
-    assert (first.index, first.uuid, first.name) == (0, "GPU-a", "NVIDIA H100 80GB HBM3")
+    assert (first.index, first.uuid, first.name) == (0, UUID_0, "NVIDIA H100 80GB HBM3")
     assert first.utilization_ratio == pytest.approx(0.87)
     assert first.memory_used_bytes == 40 * 2**30 and first.memory_total_bytes == 80 * 2**30
     assert first.power_watts == pytest.approx(612.0)
@@ -24,11 +31,11 @@ def test_readings_in_base_units() -> None:
 
 
 def test_sampler_keeps_last_readings_and_counts_errors() -> None:
-    nvml = FakeNvml([FakeGpu("GPU-a")])
+    nvml = FakeNvml([FakeGpu(UUID_0)])
     sampler = GpuSampler(nvml, interval_s=0.05)
     sampler.start()
     try:
-        assert [r.uuid for r in sampler.latest] == ["GPU-a"]
+        assert [r.uuid for r in sampler.latest] == [UUID_0]
         nvml.gpus[0].temperature_c = 70
         deadline = time.monotonic() + 5
         while sampler.latest[0].temperature_celsius != 70 and time.monotonic() < deadline:
@@ -67,7 +74,7 @@ def test_real_gpu_readings_are_plausible() -> None:
         nvml.nvmlShutdown()
     assert readings
     for reading in readings:
-        assert reading.uuid.startswith("GPU-")
+        assert DCGM_UUID.fullmatch(reading.uuid), reading.uuid  # the value DCGM's UUID label has
         assert 0.0 <= reading.utilization_ratio <= 1.0
         assert 0 < reading.memory_used_bytes < reading.memory_total_bytes
         assert reading.memory_total_bytes > 2**30
