@@ -63,7 +63,8 @@ class ShardedDataset(IterableDataset):
     blocks of ``block_rows``, default ~1% of the dataset), ``seed=0``, all columns, ``world`` (any
     object with ``rank`` and ``world_size``, e.g. ``trainkit.World``) from the environment.
     ``transform`` receives each batch as a pyarrow RecordBatch and returns what to yield, for
-    columns tensors cannot hold.
+    columns tensors cannot hold; with ``drop_last=False`` or ``with_index=True`` it must return a
+    dict (any mutable mapping), to which ``_padding`` / ``_index`` are added.
 
     How files are read - cache, readahead, checksum checks, open-file bound, fsspec options - is a
     ``ReadOptions`` (``read_options=``); its fields are also accepted as keywords (``cache_dir=``,
