@@ -281,6 +281,8 @@ class _PreemptionSafeWorkerInit:
 
     def __call__(self, worker_id: int) -> None:
         signal.signal(signal.SIGTERM, self._on_sigterm)
+        # reads in progress resume instead of failing with EINTR, as they did while it was ignored
+        signal.siginterrupt(signal.SIGTERM, False)
         if self.user_init is not None:
             self.user_init(worker_id)
 

@@ -6,16 +6,20 @@ fetch-ahead loop resumed after the agreed save trains on exactly the batches of 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from shards import ShardedDataset, write_shards
 from tests.shards.synthetic import make_table
@@ -197,3 +201,35 @@ def test_nanogpt_shaped_script_is_preempted_promptly_and_resumes_batch_for_batch
         trained = {**first_logs[rank], **read_log(tmp_path / f"second-{rank}.jsonl")}
         assert sorted(trained) == list(range(1, saved + 31))
         assert [trained[step] for step in sorted(trained)] == uninterrupted(url, rank, saved + 30)
+
+
+def _sleeping_worker(init: Callable[[int], None], ready: Any, go: Any, survived: Any) -> None:
+    init(0)
+    ready.set()
+    go.wait(60)
+    survived.set()
+    time.sleep(60)
+
+
+def test_loader_workers_ignore_sigterm_only_while_their_iteration_lives() -> None:
+    from shards.loader import _PreemptionSafeWorkerInit
+
+    ended = torch.zeros(1, dtype=torch.bool).share_memory_()
+    context = multiprocessing.get_context("fork")
+    ready, go, survived = context.Event(), context.Event(), context.Event()
+    init = _PreemptionSafeWorkerInit(None, ended)
+    worker = context.Process(target=_sleeping_worker, args=(init, ready, go, survived), daemon=True)
+    worker.start()
+    try:
+        assert ready.wait(60)
+        os.kill(worker.pid, signal.SIGTERM)  # elastic's SIGTERM to the group, mid-iteration
+        go.set()
+        assert survived.wait(60), f"the worker died of SIGTERM (exit code {worker.exitcode})"
+        ended[0] = True  # the loader ended the iteration
+        worker.terminate()  # what DataLoader and multiprocessing do to a worker still alive
+        worker.join(60)
+        assert worker.exitcode == -signal.SIGTERM
+    finally:
+        if worker.is_alive():
+            worker.kill()
+            worker.join(10)
