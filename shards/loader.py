@@ -8,12 +8,9 @@ close and the workers are shut down.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import os
 import signal
 import time
-import weakref
 from collections.abc import Callable, Generator, Iterator, Mapping
 from typing import Any
 
@@ -22,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards.assemble import TensorLayout
+from shards.at_exit import close_at_exit
 from shards.dataset import EpochIteration, ShardedDataset
 
 __all__ = ["ShardedLoader"]
@@ -82,7 +80,7 @@ class ShardedLoader:
 
     def __iter__(self) -> Iterator[Any]:
         """The batches left in the current epoch (all of it, or the rest after a resume)."""
-        return _closed_at_exit(self._epoch_batches())
+        return close_at_exit(self._epoch_batches())
 
     def batches(self) -> Iterator[Any]:
         """Batches without end, epoch after epoch: the one-call loop of step-based training.
@@ -96,7 +94,7 @@ class ShardedLoader:
                 self.set_epoch(self.dataset.epoch + 1)
             yield from self
 
-    def _epoch_batches(self) -> Iterator[Any]:
+    def _epoch_batches(self) -> Generator[Any, None, None]:
         iteration = self.dataset.begin_iteration()
         if self.num_workers == 0 and not self.dataloader_kwargs:
             # nothing for a DataLoader to add in-process: skip its per-batch overhead
@@ -161,34 +159,6 @@ class ShardedLoader:
             yield batch
             if ahead:  # the loop came back for the next batch: it has used this one
                 iteration.advance()
-
-
-_live_iterations: weakref.WeakSet[Generator[Any, None, None]] = weakref.WeakSet()
-_exit_hook_registered = False
-
-
-def _closed_at_exit(iteration: Generator[Any, None, None]) -> Generator[Any, None, None]:
-    """Registers a loader iteration to be closed when the interpreter exits, if still alive then.
-
-    A script may exit with an iteration alive (a module-level loop, ``it = iter(loader)``). At
-    exit, multiprocessing terminates daemonic children and joins them, and interpreter shutdown
-    then tears down modules under suspended generators. Closing live iterations first ends their
-    workers and readahead threads the normal way. The hook is registered on first use, after
-    torch's and multiprocessing's own exit hooks, so it runs before them (atexit is last-in,
-    first-out).
-    """
-    global _exit_hook_registered
-    if not _exit_hook_registered:
-        atexit.register(_close_live_iterations)
-        _exit_hook_registered = True
-    _live_iterations.add(iteration)
-    return iteration
-
-
-def _close_live_iterations() -> None:
-    for iteration in list(_live_iterations):
-        with contextlib.suppress(ValueError):  # running in another thread: leave it to that thread
-            iteration.close()
 
 
 class _WorkerView(IterableDataset):
