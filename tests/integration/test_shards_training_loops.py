@@ -28,7 +28,7 @@ from trainkit.exit_codes import EXIT_PREEMPTED
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 BATCH = 64  # 3000 rows / (2 ranks x 64): 23 steps per epoch
-GRACE_S = 40
+GRACE_S = 60
 
 # module level on purpose: the loader iterator and its workers are alive when the script ends
 NANOGPT_SHAPED = textwrap.dedent(
