@@ -27,7 +27,6 @@ import argparse
 import os
 import tempfile
 import time
-from collections.abc import Iterator
 
 import pyarrow as pa
 import torch
@@ -84,15 +83,6 @@ def write_synthetic_shards(url: str, *, rows: int, features: int, seed: int) -> 
     write_shards(table, url, bytes_per_shard=2 << 20, row_group_bytes=256 << 10, progress=False)
 
 
-def endless(loader: ShardedLoader) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches across epochs; after a resume it finishes the saved epoch first."""
-    epoch = loader.state_dict()["epoch"]
-    while True:
-        loader.set_epoch(epoch)  # a no-op while the cursor is still inside this epoch
-        yield from loader
-        epoch += 1
-
-
 def main() -> None:
     args = parse_args()
     world = trainkit.init()  # reads trainkit-run / torchrun / Kubeflow / Ray environments
@@ -127,7 +117,7 @@ def main() -> None:
             f"{len(loader)} batches per rank per epoch, from step {start + 1}",
             flush=True,
         )
-    batches = endless(loader)
+    batches = loader.batches()  # across epochs; after a resume it finishes the saved epoch first
     started = time.perf_counter()
     for step in range(start + 1, args.steps + 1):
         batch = next(batches)

@@ -6,7 +6,7 @@ Nothing here reads files or decides which rows belong to a batch (``plan`` does)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from shards.errors import ShardsError
 from shards.plan import PlannedBatch
 
 __all__ = ["INDEX_KEY", "PADDING_KEY", "BatchAssembler"]
@@ -79,7 +80,9 @@ class BatchAssembler:
                 for a, b in zip(starts, stops, strict=True)
             ]
             result = self.transform(pa.Table.from_batches(parts).combine_chunks().to_batches()[0])
-            if not isinstance(result, dict):
+            if not isinstance(result, MutableMapping):
+                if self.with_index or self.pad_flags:
+                    raise ShardsError(self._flags_need_a_mapping(result))
                 return result
         else:
             result = {}
@@ -106,3 +109,18 @@ class BatchAssembler:
                 if key in result:
                     outputs[key][...] = result[key].numpy()
         return result
+
+    def _flags_need_a_mapping(self, result: Any) -> str:
+        needs = [
+            f"{key!r} ({why})"
+            for key, why, wanted in (
+                (PADDING_KEY, "drop_last=False flags repeated samples", self.pad_flags),
+                (INDEX_KEY, "with_index=True", self.with_index),
+            )
+            if wanted
+        ]
+        return (
+            f"transform returned a {type(result).__name__}, but batches must be dicts here so that "
+            f"{' and '.join(needs)} can be added; return a dict from the transform (e.g. "
+            "{'x': x, 'y': y}), or use drop_last=True and with_index=False"
+        )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,7 @@ import pyarrow as pa
 from torch.utils.data import IterableDataset, get_worker_info
 
 from shards.assemble import INDEX_KEY, PADDING_KEY, BatchAssembler
+from shards.at_exit import close_at_exit
 from shards.cache import ShardCache
 from shards.errors import ShardsError
 from shards.manifest import Manifest
@@ -63,7 +64,8 @@ class ShardedDataset(IterableDataset):
     blocks of ``block_rows``, default ~1% of the dataset), ``seed=0``, all columns, ``world`` (any
     object with ``rank`` and ``world_size``, e.g. ``trainkit.World``) from the environment.
     ``transform`` receives each batch as a pyarrow RecordBatch and returns what to yield, for
-    columns tensors cannot hold.
+    columns tensors cannot hold; with ``drop_last=False`` or ``with_index=True`` it must return a
+    dict (any mutable mapping), to which ``_padding`` / ``_index`` are added.
 
     How files are read - cache, readahead, checksum checks, open-file bound, fsspec options - is a
     ``ReadOptions`` (``read_options=``); its fields are also accepted as keywords (``cache_dir=``,
@@ -255,16 +257,23 @@ class ShardedDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[Any]:
         """Direct iteration counts every yielded batch as consumed (use ``ShardedLoader`` for workers)."""
+        return close_at_exit(self._counted_batches())
+
+    def _counted_batches(self) -> Generator[Any, None, None]:
         if get_worker_info() is not None:  # a plain DataLoader cannot count in the main process
             raise ShardsError(
                 "ShardedDataset under a plain DataLoader with workers cannot count consumed batches; "
                 "wrap it in shards.ShardedLoader(dataset, num_workers=...)"
             )
         iteration = self.begin_iteration()
-        for batch in iteration.batches():
-            iteration.advance()
-            yield batch
-        iteration.finish()
+        batches = iteration.batches()
+        try:
+            for batch in batches:
+                iteration.advance()
+                yield batch
+            iteration.finish()
+        finally:
+            batches.close()  # its readahead threads stop now, not at interpreter shutdown
 
     def assembler(self) -> BatchAssembler:
         """What turns loaded row groups into this dataset's batches (and their tensor layout)."""
