@@ -23,6 +23,7 @@ from trainkit.checkpoint.peer import (
     push_snapshot,
 )
 from trainkit.checkpoint.peer.protocol import CONTROL, MAGIC, PREFIX, Channel
+from trainkit.checkpoint.peer.throttle import TokenBucket
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -264,13 +265,22 @@ def test_a_truncated_stream_leaves_nothing_visible(
 
 
 class RecordingProxy:
-    """Forwards one connection to ``upstream``, recording (and optionally altering) what the client sent."""
+    """Forwards one connection to ``upstream``, recording (and optionally altering) what the client
+    sent; ``downstream_rate_bytes_per_s`` makes the link back to the client slow."""
 
     def __init__(
-        self, upstream: tuple[str, int], alter: Callable[[int, bytes], bytes] | None = None
+        self,
+        upstream: tuple[str, int],
+        alter: Callable[[int, bytes], bytes] | None = None,
+        downstream_rate_bytes_per_s: float | None = None,
     ):
         self.upstream = upstream
         self.alter = alter
+        self.bucket = (
+            TokenBucket(downstream_rate_bytes_per_s, burst_bytes=16384)
+            if downstream_rate_bytes_per_s
+            else None
+        )
         self.client_bytes = bytearray()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = self.listener.getsockname()
@@ -283,7 +293,9 @@ class RecordingProxy:
 
         def pump(source: socket.socket, sink: socket.socket, record: bool) -> None:
             try:
-                while data := source.recv(65536):
+                while data := source.recv(16384 if self.bucket else 65536):
+                    if not record and self.bucket is not None:
+                        self.bucket.consume(len(data))
                     if record:
                         if self.alter is not None:
                             data = self.alter(len(self.client_bytes), data)
