@@ -338,10 +338,10 @@ def test_a_recorded_session_replayed_to_a_server_is_refused(
 def test_bytes_altered_in_flight_are_refused(
     server: ReplicaServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    snapshot = make_snapshot(tmp_path / "snap", 5, {"a": 300_000})
+    snapshot = make_snapshot(tmp_path / "snap", 5, {"a": 9 << 20})
 
     def flip_one_byte(offset: int, data: bytes) -> bytes:
-        target = 150_000 - offset  # inside the file's bytes, past the handshake and request
+        target = (6 << 20) - offset  # in the second of three data frames, with others in flight
         if 0 <= target < len(data):
             data = data[:target] + bytes([data[target] ^ 1]) + data[target + 1 :]
         return data
