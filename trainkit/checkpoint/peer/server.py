@@ -57,8 +57,9 @@ class ReplicaServer:
     token (at least 16 bytes). ``keep``: complete steps kept per owner (default 2); a push older than
     all of them is refused. ``max_bytes``: the most bytes stored at once, in-flight pushes included
     (None: no limit); to make room a push may first drop the owner's steps it would retire anyway.
-    ``io_timeout_s``: the longest any one receive or send may stall before the connection is
-    dropped; ``max_connections``: connections served at once (more are closed at once).
+    ``io_timeout_s``: the time a new connection has to authenticate its request, and then the
+    longest any one receive or send may stall before the connection is dropped;
+    ``max_connections``: connections served at once (more are closed at once).
     """
 
     def __init__(
@@ -219,11 +220,19 @@ class ReplicaServer:
     def _serve(self, connection: socket.socket, peer: tuple[str, int]) -> None:
         channel = Channel(connection, role="server")
         what = "connection"
+        expired = threading.Event()
         try:
             connection.settimeout(self.io_timeout_s)
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            channel.handshake(self._token)
-            request = channel.receive_control()
+            # Until it authenticates, a peer gets io_timeout_s in all (no trickling bytes to hold
+            # a connection slot); after that, each receive or send may stall that long.
+            watchdog = threading.Timer(self.io_timeout_s, _shut_down, args=(connection, expired))
+            watchdog.start()
+            try:
+                channel.handshake(self._token)
+                request = channel.receive_control()
+            finally:
+                watchdog.cancel()
             operation = request.get("op")
             handlers: dict[Any, Callable[[Channel, dict[str, Any]], str]] = {
                 "push": self._push,
@@ -243,10 +252,12 @@ class ReplicaServer:
         except AuthenticationError as error:
             self._refused(what, peer, error)
             channel.send_denied()
-        except ProtocolError as error:
-            self._refused(what, peer, error)
-        except OSError as error:
-            if not self._closing.is_set():
+        except (ProtocolError, OSError) as error:
+            if expired.is_set():
+                self._refused(what, peer, f"did not authenticate within {self.io_timeout_s} s")
+            elif isinstance(error, ProtocolError):
+                self._refused(what, peer, error)
+            elif not self._closing.is_set():
                 self._refused(what, peer, f"connection failed: {error}")
         finally:
             connection.close()
@@ -392,3 +403,9 @@ class ReplicaServer:
     def _count(self, name: str, amount: int) -> None:
         with self._lock:
             self._stats[name] += amount
+
+
+def _shut_down(connection: socket.socket, expired: threading.Event) -> None:
+    expired.set()
+    with contextlib.suppress(OSError):
+        connection.shutdown(socket.SHUT_RDWR)
