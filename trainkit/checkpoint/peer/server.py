@@ -35,7 +35,7 @@ from trainkit.checkpoint.peer.protocol import (
     ProtocolError,
     new_checksum,
 )
-from trainkit.checkpoint.peer.transfer import receive_files, send_files
+from trainkit.checkpoint.peer.transfer import LocalWriteError, receive_files, send_files
 from trainkit.k8s.signed_state import MIN_TOKEN_BYTES
 
 __all__ = ["ReplicaServer"]
@@ -247,6 +247,9 @@ class ReplicaServer:
             except (_Refusal, ValueError) as refusal:
                 self._refused(what, peer, refusal)
                 channel.send_control({"ok": False, "error": str(refusal)})
+                # Read until the peer hangs up: closing with its bytes unread would reset the
+                # connection and could destroy the answer before the peer reads it.
+                _drain(connection, self.io_timeout_s)
                 return
             logger.info("replica server: %s for %s:%d", done, *peer)
         except AuthenticationError as error:
@@ -298,11 +301,18 @@ class ReplicaServer:
         self._reserve(owner, step, total)
         staged = None
         try:
-            staged = tempfile.mkdtemp(
-                dir=os.path.join(self.root, INCOMING_DIR), prefix=f"{owner}-{step_dir_name(step)}-"
-            )
+            try:
+                staged = tempfile.mkdtemp(
+                    dir=os.path.join(self.root, INCOMING_DIR),
+                    prefix=f"{owner}-{step_dir_name(step)}-",
+                )
+            except OSError as error:
+                raise _Refusal(f"this peer could not store the snapshot: {error}") from None
             channel.send_control({"ok": True})
-            received = receive_files(channel, staged, files, checksum=checksum)
+            try:
+                received = receive_files(channel, staged, files, checksum=checksum)
+            except LocalWriteError as error:
+                raise _Refusal(f"this peer could not store the snapshot: {error}") from None
             self._count("bytes_received", total)
             commit = channel.receive_control()
             sent = commit.get("checksums")
@@ -319,9 +329,12 @@ class ReplicaServer:
                         f"received {ours!r}); push the step again"
                     )
             record = ReplicaRecord(owner, step, checksum, tuple(files), tuple(received))
-            write_record(staged, record)
             with self._lock:
-                commit_directory(staged, self.snapshot_path(owner, step))
+                try:
+                    write_record(staged, record)
+                    commit_directory(staged, self.snapshot_path(owner, step))
+                except OSError as error:
+                    raise _Refusal(f"this peer could not store the snapshot: {error}") from None
                 staged = None
                 self._reserved_bytes -= total
                 self._stored[owner, step] = total
@@ -409,3 +422,11 @@ def _shut_down(connection: socket.socket, expired: threading.Event) -> None:
     expired.set()
     with contextlib.suppress(OSError):
         connection.shutdown(socket.SHUT_RDWR)
+
+
+def _drain(connection: socket.socket, timeout_s: float) -> None:
+    """Discard what the peer still sends until it closes (or stalls for ``timeout_s``)."""
+    connection.settimeout(timeout_s)
+    with contextlib.suppress(OSError):
+        while connection.recv(1 << 16):
+            pass
