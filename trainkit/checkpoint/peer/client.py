@@ -32,7 +32,12 @@ from trainkit.checkpoint.peer.protocol import (
     default_checksum,
 )
 from trainkit.checkpoint.peer.throttle import TokenBucket
-from trainkit.checkpoint.peer.transfer import PeerAnswered, receive_files, send_files
+from trainkit.checkpoint.peer.transfer import (
+    LocalReadError,
+    PeerAnswered,
+    receive_files,
+    send_files,
+)
 from trainkit.k8s.signed_state import read_job_token
 
 __all__ = ["fetch_snapshot", "list_snapshots", "push_snapshot", "token_from_env"]
@@ -91,8 +96,9 @@ def push_snapshot(
     The peer makes it visible only once every file arrived whole and verified. ``rate_bytes_per_s``
     caps the average send rate (None: as fast as the link allows); ``timeout_s`` is the longest
     any one send or receive may stall. ValueError for a bad owner, step or directory;
-    ReplicaRefusedError when the peer declines (over its byte budget, older than what it keeps);
-    ReplicationError for anything else.
+    ReplicaRefusedError when the peer declines (over its byte budget, older than what it keeps,
+    its volume full); ReplicationError for anything else, including a snapshot file that vanished
+    or changed while being sent.
     """
     check_owner(owner)
     check_step(step)
@@ -129,6 +135,8 @@ def push_snapshot(
                 chunk_bytes=chunk_bytes,
                 peer_answered=lambda: bool(select.select([channel.sock], [], [], 0)[0]),
             )
+        except LocalReadError as error:
+            raise ReplicationError(address, f"{what}: {error}") from None
         except (PeerAnswered, OSError) as stopped:
             # The peer refused part way (e.g. its volume is full): its answer says why.
             try:
