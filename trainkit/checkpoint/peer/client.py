@@ -34,6 +34,7 @@ from trainkit.checkpoint.peer.protocol import (
 from trainkit.checkpoint.peer.throttle import TokenBucket
 from trainkit.checkpoint.peer.transfer import (
     LocalReadError,
+    LocalWriteError,
     PeerAnswered,
     receive_files,
     send_files,
@@ -178,7 +179,8 @@ def fetch_snapshot(
 
     ``dest`` must not exist; it appears (in one rename) only after every file's size and checksum
     matched the peer's record, so a failed or killed fetch leaves nothing at ``dest``.
-    ReplicaRefusedError when the peer has no such step; ReplicationError for anything else.
+    ReplicaRefusedError when the peer has no such step; ReplicationError for anything else
+    (including a full volume here); FileExistsError when ``dest`` exists.
     """
     check_owner(owner)
     check_step(step)
@@ -202,7 +204,12 @@ def fetch_snapshot(
                 checksum = str(reply["checksum"])
             except (KeyError, TypeError, ValueError) as error:
                 raise ReplicationError(address, f"{what}: malformed file list: {error}") from None
-            received = receive_files(channel, staged, files, checksum=checksum)
+            try:
+                received = receive_files(channel, staged, files, checksum=checksum)
+            except LocalWriteError as error:
+                raise ReplicationError(
+                    address, f"{what}: writing it here failed (is {parent} full?): {error}"
+                ) from None
             end = channel.receive_control()
             if end.get("op") != "end":
                 raise ReplicationError(address, f"{what}: the stream did not end as expected")
