@@ -66,19 +66,21 @@ def _session(address: Address, token: bytes, timeout_s: float, what: str) -> Ite
     except ReplicationError:
         raise
     except ProtocolError as error:
-        raise ReplicationError(address, f"{what}: {error}") from None
+        raise ReplicationError(f"{what}: {error}", address=address) from None
     except OSError as error:
         raise ReplicationError(
-            address,
             f"{what}: {error}; check that the peer's replica server runs on this address and that "
             "a NetworkPolicy lets this pod reach its port",
+            address=address,
         ) from None
 
 
 def _answer(channel: Channel, address: Address, what: str) -> dict[str, Any]:
     reply = channel.receive_control()
     if reply.get("ok") is not True:
-        raise ReplicaRefusedError(address, f"{what}: refused: {str(reply.get('error'))[:2000]}")
+        raise ReplicaRefusedError(
+            f"{what}: refused: {str(reply.get('error'))[:2000]}", address=address
+        )
     return reply
 
 
@@ -137,7 +139,7 @@ def push_snapshot(
                 peer_answered=lambda: bool(select.select([channel.sock], [], [], 0)[0]),
             )
         except LocalReadError as error:
-            raise ReplicationError(address, f"{what}: {error}") from None
+            raise ReplicationError(f"{what}: {error}", address=address) from None
         except (PeerAnswered, OSError) as stopped:
             # The peer refused part way (e.g. its volume is full): its answer says why.
             try:
@@ -146,7 +148,9 @@ def push_snapshot(
                 if isinstance(stopped, OSError):
                     raise stopped from None
                 raise
-            raise ReplicationError(address, f"{what}: the peer answered before the end") from None
+            raise ReplicationError(
+                f"{what}: the peer answered before the end", address=address
+            ) from None
         channel.send_control({"op": "commit", "checksums": checksums})
         _answer(channel, address, what)
     return total
@@ -162,7 +166,7 @@ def list_snapshots(
         channel.send_control({"op": "list", "owner": owner})
         steps = _answer(channel, address, what).get("steps")
     if not isinstance(steps, list) or not all(isinstance(step, int) for step in steps):
-        raise ReplicationError(address, f"{what}: the answer is not a list of steps")
+        raise ReplicationError(f"{what}: the answer is not a list of steps", address=address)
     return sorted(steps)
 
 
@@ -203,22 +207,26 @@ def fetch_snapshot(
                 expected = [str(f["checksum"]) for f in reply["files"]]
                 checksum = str(reply["checksum"])
             except (KeyError, TypeError, ValueError) as error:
-                raise ReplicationError(address, f"{what}: malformed file list: {error}") from None
+                raise ReplicationError(
+                    f"{what}: malformed file list: {error}", address=address
+                ) from None
             try:
                 received = receive_files(channel, staged, files, checksum=checksum)
             except LocalWriteError as error:
                 raise ReplicationError(
-                    address, f"{what}: writing it here failed (is {parent} full?): {error}"
+                    f"{what}: writing it here failed (is {parent} full?): {error}", address=address
                 ) from None
             end = channel.receive_control()
             if end.get("op") != "end":
-                raise ReplicationError(address, f"{what}: the stream did not end as expected")
+                raise ReplicationError(
+                    f"{what}: the stream did not end as expected", address=address
+                )
         for entry, theirs, ours in zip(files, expected, received, strict=True):
             if theirs != ours:
                 raise ReplicationError(
-                    address,
                     f"{what}: file {entry.path!r}: checksum mismatch (peer's record {theirs}, "
                     f"received {ours}); the peer's copy is damaged, restore from another tier",
+                    address=address,
                 )
         commit_directory(staged, dest)
         staged = None
