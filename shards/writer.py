@@ -169,9 +169,7 @@ class _ShardWriter:
         if self.schema is None:
             self.schema = batch.schema  # its metadata too: ClassLabel names, pandas index...
             self.first_label = label
-            self.list_value_counts = {
-                f.name: [] for f in self.schema if _is_variable_list(f.type)
-            }
+            self.list_value_counts = {f.name: [] for f in self.schema if _is_variable_list(f.type)}
         elif not batch.schema.remove_metadata().equals(self.schema):
             raise SchemaDriftError(
                 f"{label}: {describe_schema_drift(self.schema, batch.schema)} "
@@ -325,7 +323,9 @@ class FixedLists:
     ) -> str:
         found = "null lists" if bounds is None else f"lists of {bounds[0]} to {bounds[1]} values"
         wanted = (
-            f"one length ({length}, set by {self.first_label})" if length is not None else "one length"
+            f"one length ({length}, set by {self.first_label})"
+            if length is not None
+            else "one length"
         )
         return (
             f"{label}: column {name!r} has {found}, but fixed_lists asks for {wanted}; pad or "
