@@ -42,7 +42,6 @@ __all__ = [
 DEFAULT_BYTES_PER_SHARD = 64 << 20
 DEFAULT_ROW_GROUP_BYTES = 2 << 20
 _ROWS_PER_DICT_CHUNK = 8192
-_SOURCE_BATCH_BYTES = 8 << 20  # what one read from an input file decodes, uncompressed
 _FILE_SUFFIXES = (".parquet", ".arrow", ".feather", ".ipc")
 _EXTENSIONS = {"parquet": "parquet", "arrow": "arrow"}
 
@@ -115,7 +114,7 @@ def write_shards(
         lists = FixedLists({}, explicit=True, names=None if fixed_lists is True else fixed_lists)
     writer = _ShardWriter(location, format, compression, row_group_bytes, bytes_per_shard)
     report = _progress_reporter(progress, _count_rows(source))
-    for label, batch in _iter_source(source, storage_options):
+    for label, batch in _iter_source(source, storage_options, row_group_bytes):
         writer.add(label, lists.apply(label, batch))
         report(batch.num_rows)
     writer.finish()
@@ -418,7 +417,7 @@ def describe_schema_drift(expected: pa.Schema, actual: pa.Schema) -> str:
 
 
 def _iter_source(
-    source: Any, storage_options: Mapping[str, Any] | None
+    source: Any, storage_options: Mapping[str, Any] | None, read_bytes: int
 ) -> Iterator[tuple[str, pa.RecordBatch]]:
     if isinstance(source, pa.Table):
         for index, batch in enumerate(source.to_batches(max_chunksize=65536)):
@@ -434,13 +433,13 @@ def _iter_source(
             for sub, batch in enumerate(table.to_batches()):
                 yield f"datasets.Dataset batch {index}.{sub}", batch
     elif isinstance(source, str | os.PathLike):
-        yield from _iter_files([os.fspath(source)], storage_options)
+        yield from _iter_files([os.fspath(source)], storage_options, read_bytes)
     elif (
         isinstance(source, list | tuple)
         and source
         and all(isinstance(s, str | os.PathLike) for s in source)
     ):
-        yield from _iter_files([os.fspath(s) for s in source], storage_options)
+        yield from _iter_files([os.fspath(s) for s in source], storage_options, read_bytes)
     elif isinstance(source, Iterable):
         yield from _iter_items(source)
     else:
@@ -498,7 +497,7 @@ def _rows_to_batch(
 
 
 def _iter_files(
-    paths: list[str], storage_options: Mapping[str, Any] | None
+    paths: list[str], storage_options: Mapping[str, Any] | None, read_bytes: int
 ) -> Iterator[tuple[str, pa.RecordBatch]]:
     import fsspec.core
 
@@ -514,19 +513,26 @@ def _iter_files(
             files = [root]
         for file in files:
             label = file if "://" not in path else f"{path.split('://')[0]}://{file}"
-            yield from _iter_one_file(fs, file, label)
+            yield from _iter_one_file(fs, file, label, read_bytes)
 
 
-def _iter_one_file(fs: Any, path: str, label: str) -> Iterator[tuple[str, pa.RecordBatch]]:
-    """A file's record batches, read a bounded number of bytes at a time (never the whole file)."""
+def _iter_one_file(
+    fs: Any, path: str, label: str, read_bytes: int
+) -> Iterator[tuple[str, pa.RecordBatch]]:
+    """A file's record batches, read a bounded number of bytes at a time (never the whole file):
+    Parquet about ``read_bytes`` decoded per read, Arrow IPC one record batch as written."""
     local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
     handle: Any = pa.OSFile(path) if local else fs.open(path, "rb")
     with handle:
         if path.endswith(".parquet"):
             parquet = pq.ParquetFile(handle)
-            rows = _rows_per_read(parquet.metadata)
-            for index, batch in enumerate(parquet.iter_batches(batch_size=rows)):
-                yield f"{label} batch {index}", batch
+            rows = _rows_per_read(parquet.metadata, read_bytes)
+            # one row group per call: over several, pyarrow buffers them all before the first batch
+            for group in range(parquet.num_row_groups):
+                for index, batch in enumerate(
+                    parquet.iter_batches(batch_size=rows, row_groups=[group])
+                ):
+                    yield f"{label} row group {group} batch {index}", batch
             return
         try:
             reader: Any = pa.ipc.open_file(handle)
@@ -546,12 +552,12 @@ def _iter_one_file(fs: Any, path: str, label: str) -> Iterator[tuple[str, pa.Rec
             yield f"{label} batch {index}", batch
 
 
-def _rows_per_read(metadata: pq.FileMetaData) -> int:
-    """Rows that decode to about ``_SOURCE_BATCH_BYTES``: wide rows in fewer, never a whole file."""
+def _rows_per_read(metadata: pq.FileMetaData, read_bytes: int) -> int:
+    """Rows that decode to about ``read_bytes`` (the writer's row group size), at most 65,536."""
     rows = sum(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
     decoded = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
     row_bytes = max(1, decoded // max(1, rows))
-    return max(1, min(65536, _SOURCE_BATCH_BYTES // row_bytes))
+    return max(1, min(65536, read_bytes // row_bytes))
 
 
 def _is_hf_dataset(source: Any) -> bool:
