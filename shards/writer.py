@@ -42,6 +42,7 @@ __all__ = [
 DEFAULT_BYTES_PER_SHARD = 64 << 20
 DEFAULT_ROW_GROUP_BYTES = 2 << 20
 _ROWS_PER_DICT_CHUNK = 8192
+_PARQUET_BUFFER_BYTES = 1 << 20
 _FILE_SUFFIXES = (".parquet", ".arrow", ".feather", ".ipc")
 _EXTENSIONS = {"parquet": "parquet", "arrow": "arrow"}
 
@@ -525,14 +526,12 @@ def _iter_one_file(
     handle: Any = pa.OSFile(path) if local else fs.open(path, "rb")
     with handle:
         if path.endswith(".parquet"):
-            parquet = pq.ParquetFile(handle)
+            # pages read through a small buffer: pre-buffering (pyarrow's default) and unbuffered
+            # reads both hold whole column chunks, a whole file when it is one row group
+            parquet = pq.ParquetFile(handle, pre_buffer=False, buffer_size=_PARQUET_BUFFER_BYTES)
             rows = _rows_per_read(parquet.metadata, read_bytes)
-            # one row group per call: over several, pyarrow buffers them all before the first batch
-            for group in range(parquet.num_row_groups):
-                for index, batch in enumerate(
-                    parquet.iter_batches(batch_size=rows, row_groups=[group])
-                ):
-                    yield f"{label} row group {group} batch {index}", batch
+            for index, batch in enumerate(parquet.iter_batches(batch_size=rows)):
+                yield f"{label} batch {index}", batch
             return
         try:
             reader: Any = pa.ipc.open_file(handle)
