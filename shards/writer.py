@@ -137,7 +137,8 @@ def write_shards(
 
 
 class _ShardWriter:
-    """Cuts incoming batches into fixed-size row groups and fixed-count shards, written in memory first."""
+    """Cuts incoming batches into fixed-size row groups and fixed-count shards. A shard is serialised
+    in memory group by group as groups are cut (no batch is kept), then written as one object."""
 
     def __init__(
         self,
@@ -160,7 +161,9 @@ class _ShardWriter:
         self.groups_per_shard = 0
         self.pending: list[pa.RecordBatch] = []
         self.pending_rows = 0
-        self.groups: list[pa.RecordBatch] = []
+        self.group_rows: list[int] = []  # row groups of the shard being serialised
+        self._sink: pa.BufferOutputStream | None = None
+        self._file_writer: Any = None
         self.shards: list[ShardInfo] = []
         # values per row group of each variable-length list column (token streams need them)
         self.list_value_counts: dict[str, list[int]] = {}
@@ -195,43 +198,49 @@ class _ShardWriter:
         rest = table.slice(rows)
         self.pending = rest.to_batches() if rest.num_rows else []
         self.pending_rows = rest.num_rows
-        self.groups.append(group[0])
         for name, counts in self.list_value_counts.items():
             counts.append(len(group[0].column(name).flatten()))
-        if len(self.groups) == self.groups_per_shard:
+        self._serialise(group[0])
+        if len(self.group_rows) == self.groups_per_shard:
             self._flush_shard()
+
+    def _serialise(self, group: pa.RecordBatch) -> None:
+        assert self.schema is not None
+        if self._file_writer is None:
+            self._sink = pa.BufferOutputStream()
+            if self.format == "arrow":
+                options = pa.ipc.IpcWriteOptions(compression=self.compression)
+                self._file_writer = pa.ipc.new_file(self._sink, self.schema, options=options)
+            else:
+                self._file_writer = pq.ParquetWriter(
+                    self._sink, self.schema, compression=self.compression, write_statistics=False
+                )
+        if self.format == "arrow":
+            self._file_writer.write_batch(group)
+        else:
+            self._file_writer.write_batch(group, row_group_size=group.num_rows)
+        self.group_rows.append(group.num_rows)
 
     def finish(self) -> None:
         if self.pending_rows:
             self._cut_group(self.pending_rows)
-        if self.groups:
+        if self.group_rows:
             self._flush_shard()
 
     def _flush_shard(self) -> None:
-        assert self.schema is not None
+        assert self._sink is not None
         name = f"shard-{len(self.shards):05d}.{_EXTENSIONS[self.format]}"
-        sink = pa.BufferOutputStream()
+        self._file_writer.close()
+        data = self._sink.getvalue()
+        self._sink = self._file_writer = None
         if self.format == "arrow":
-            options = pa.ipc.IpcWriteOptions(compression=self.compression)
-            with pa.ipc.new_file(sink, self.schema, options=options) as ipc:
-                for group in self.groups:
-                    ipc.write_batch(group)
-            data = sink.getvalue()
             ranges = ipc_batch_ranges(data)
         else:
-            with pq.ParquetWriter(
-                sink, self.schema, compression=self.compression, write_statistics=False
-            ) as pw:
-                for group in self.groups:
-                    pw.write_batch(group, row_group_size=group.num_rows)
-            data = sink.getvalue()
             ranges = parquet_row_group_ranges(pq.read_metadata(pa.BufferReader(data)))
-        assert len(ranges) == len(self.groups), (name, len(ranges), len(self.groups))
+        assert len(ranges) == len(self.group_rows), (name, len(ranges), len(self.group_rows))
         row_groups = tuple(
-            RowGroupInfo(
-                group.num_rows, start, length, checksum_of(memoryview(data)[start : start + length])
-            )
-            for group, (start, length) in zip(self.groups, ranges, strict=True)
+            RowGroupInfo(rows, start, length, checksum_of(memoryview(data)[start : start + length]))
+            for rows, (start, length) in zip(self.group_rows, ranges, strict=True)
         )
         write_atomic(self.location, self.location.path_of(name), memoryview(data))
         self.shards.append(
@@ -243,7 +252,7 @@ class _ShardWriter:
                 row_groups=row_groups,
             )
         )
-        self.groups = []
+        self.group_rows = []
 
 
 def _is_variable_list(type_: pa.DataType) -> bool:
