@@ -119,3 +119,18 @@ def test_fixed_lists_on_request_for_streamed_sources(tmp_path):
     assert write_shards(
         pa.Table.from_batches(batches), str(tmp_path / "off"), fixed_lists=False, progress=False
     ).schema.field("ids").type == pa.list_(pa.int32())
+
+
+def test_cli_writes_fixed_lists_on_request(tmp_path):
+    import pyarrow.parquet as pq
+
+    from shards.cli import main
+
+    table = pa.table({"ids": pa.array([[1, 2, 3]] * 20, pa.list_(pa.int32()))})
+    pq.write_table(table, tmp_path / "in.parquet")
+    dest = str(tmp_path / "ds")
+    assert (
+        main(["write", str(tmp_path / "in.parquet"), dest, "--fixed-lists", "ids", "--no-progress"])
+        == 0
+    )
+    assert Manifest.load(dest).schema.field("ids").type == pa.list_(pa.int32(), 3)
