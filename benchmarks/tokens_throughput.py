@@ -550,7 +550,10 @@ def main(argv=None) -> int:
         report.update(write_section(args))
     report["load_average_at_end"] = os.getloadavg()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "tokens_throughput.json").write_text(json.dumps(report, indent=1))
+    path = RESULTS / "tokens_throughput.json"
+    if (args.only_write or args.no_write) and path.exists():
+        report = {**json.loads(path.read_text()), **report}  # keep the section not run
+    path.write_text(json.dumps(report, indent=1))
     print_report(report)
     return 0
 

@@ -195,18 +195,22 @@ class WindowAssembler:
         else:
             out = np.empty((len(planned.windows), length), dtype=self.dtype)
         starts = planned.windows * self.stream.block_size
-        for index, (start, group) in enumerate(
-            zip(starts.tolist(), planned.first_groups.tolist(), strict=True)
-        ):
+        groups = planned.first_groups
+        local = (starts - offsets[groups]).tolist()
+        inside = (starts + length <= offsets[groups + 1]).tolist()
+        for index, (start, group) in enumerate(zip(starts.tolist(), groups.tolist(), strict=True)):
+            if inside[index]:  # the common case: one copy from one row group
+                out[index] = loaded[group][local[index] : local[index] + length]
+                continue
             filled = 0
             while filled < length:
                 position = start + filled
                 while position >= offsets[group + 1]:  # the window went past this row group
                     group += 1
                 tokens = loaded[group]
-                local = position - int(offsets[group])
-                take = min(length - filled, len(tokens) - local)
-                out[index, filled : filled + take] = tokens[local : local + take]
+                begin = position - int(offsets[group])
+                take = min(length - filled, len(tokens) - begin)
+                out[index, filled : filled + take] = tokens[begin : begin + take]
                 filled += take
         result = {self.column: torch.from_numpy(out)}
         if self.with_index:
@@ -533,16 +537,13 @@ class TokenWindowIteration:
             for index in range(len(chunk)):
                 part = slice(index * size, (index + 1) * size)
                 lo, hi = first_groups[part], last_groups[part]
-                if (hi == lo).all():
-                    groups = np.unique(lo)
-                else:
-                    groups = np.unique(
-                        np.concatenate([np.arange(a, b + 1) for a, b in zip(lo, hi, strict=True)])
-                    )
-                groups = groups[counts[groups] > 0]  # row groups without tokens hold no data
-                yield TokenWindowBatch(
-                    windows[part], padding[part], lo, tuple(int(g) for g in groups)
-                )
+                needed = set(lo.tolist())
+                for a, b in zip(lo.tolist(), hi.tolist(), strict=True):
+                    if b > a:  # a window that crosses into later row groups
+                        needed.update(range(a + 1, b + 1))
+                # row groups without tokens hold no data
+                groups = tuple(g for g in sorted(needed) if counts[g])
+                yield TokenWindowBatch(windows[part], padding[part], lo, groups)
 
     def batches(
         self,
