@@ -83,6 +83,15 @@ def write_shards(
         raise ValueError(
             f"row_group_bytes ({row_group_bytes}) and bytes_per_shard ({bytes_per_shard}) must be positive"
         )
+    if isinstance(fixed_lists, str):
+        raise TypeError(
+            f"fixed_lists={fixed_lists!r}: pass a list of column names, True, False or None"
+        )
+    if _is_hf_dataset_dict(source):
+        raise TypeError(
+            f"write_shards got a datasets.DatasetDict with splits {list(source)}; write one split "
+            "at a time, e.g. write_shards(dataset_dict['train'], ...)"
+        )
     location = resolve_location(dest, storage_options)
     manifest_path = f"{location.root}/{MANIFEST_NAME}"
     if location.fs.exists(manifest_path):
@@ -97,15 +106,6 @@ def write_shards(
     if location.local:
         os.makedirs(location.root, exist_ok=True)
 
-    if isinstance(fixed_lists, str):
-        raise TypeError(
-            f"fixed_lists={fixed_lists!r}: pass a list of column names, True, False or None"
-        )
-    if _is_hf_dataset_dict(source):
-        raise TypeError(
-            f"write_shards got a datasets.DatasetDict with splits {list(source)}; write one split "
-            "at a time, e.g. write_shards(dataset_dict['train'], ...)"
-        )
     whole = _whole_table(source)
     if fixed_lists is None:
         lists = FixedLists(uniform_list_lengths(whole) if whole is not None else {}, explicit=False)
@@ -124,7 +124,7 @@ def write_shards(
         raise ShardsError(
             f"{location.url}: the source has no rows; an empty dataset cannot be written"
         )
-    counts = {name: values for name, values in writer.list_value_counts.items()}
+    counts = writer.list_value_counts
     manifest = Manifest(
         format=format,
         schema=writer.schema,
