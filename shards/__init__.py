@@ -1,7 +1,7 @@
 """shards: sharded Arrow datasets with exactly-once, elastic, resumable streaming into PyTorch.
 
-``import shards`` is cheap and torch-free; the torch-facing ``ShardedDataset``/``ShardedLoader`` are
-imported on first use.
+``import shards`` is cheap and torch-free; the torch-facing ``ShardedDataset``/``ShardedLoader`` and
+``TokenWindowDataset`` are imported on first use.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ __all__ = [
     "ShardedDataset",
     "ShardedLoader",
     "ShardsError",
+    "TokenWindowDataset",
     "UnsafePathError",
     "WorldLike",
     "verify_dataset",
@@ -42,6 +43,7 @@ _LAZY = {
     "ShardedDataset": "shards.dataset",
     "EpochIteration": "shards.dataset",
     "ShardedLoader": "shards.loader",
+    "TokenWindowDataset": "shards.tokens",
     "verify_dataset": "shards.verify",
 }
 

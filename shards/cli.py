@@ -68,6 +68,13 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
     write.add_argument(
         "--overwrite", action="store_true", help="replace an existing dataset at dest"
     )
+    write.add_argument(
+        "--fixed-lists",
+        default=None,
+        metavar="COLUMNS",
+        help="comma-separated list columns whose lists all have one length to write as fixed-size "
+        "lists (2-D tensors), or 'all'",
+    )
     write.add_argument("--no-progress", action="store_true", help="no progress bar")
     write.add_argument("--storage-options", default=None, help="JSON object of fsspec options")
     write.set_defaults(handler=_write)
@@ -99,12 +106,21 @@ def _write(args: argparse.Namespace) -> int:
         storage_options=_parse_storage_options(args.storage_options),
         progress=not args.no_progress,
         overwrite=args.overwrite,
+        fixed_lists=_parse_fixed_lists(args.fixed_lists),
     )
     print(
         f"wrote {manifest.num_rows:,} rows in {len(manifest.shards)} {manifest.format} shard(s), "
         f"{manifest.num_row_groups} row groups, {manifest.num_bytes:,} bytes to {args.dest}"
     )
     return 0
+
+
+def _parse_fixed_lists(text: str | None) -> bool | list[str] | None:
+    if text is None:
+        return None
+    if text == "all":
+        return True
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def _inspect(args: argparse.Namespace) -> int:

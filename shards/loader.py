@@ -51,8 +51,10 @@ class ShardedLoader:
         wait_observer: Callable[[float], None] | None = None,
         **dataloader_kwargs: Any,
     ) -> None:
-        if not isinstance(dataset, ShardedDataset):
-            raise TypeError(f"ShardedLoader needs a ShardedDataset, got {type(dataset).__name__}")
+        if not hasattr(dataset, "begin_iteration"):  # ShardedDataset, TokenWindowDataset
+            raise TypeError(
+                f"ShardedLoader needs a ShardedDataset or TokenWindowDataset, got {type(dataset).__name__}"
+            )
         for key in ("batch_size", "sampler", "batch_sampler", "shuffle", "persistent_workers"):
             if key in dataloader_kwargs:
                 raise ValueError(

@@ -25,9 +25,19 @@ from shards.storage import (
     resolve_location,
 )
 
-__all__ = ["FORMATS", "MANIFEST_NAME", "Manifest", "RowGroupInfo", "ShardInfo", "ShardTable"]
+__all__ = [
+    "FORMATS",
+    "LIST_VALUE_COUNTS",
+    "MANIFEST_NAME",
+    "Manifest",
+    "RowGroupInfo",
+    "ShardInfo",
+    "ShardTable",
+]
 
 MANIFEST_NAME = "manifest.json"
+# metadata key: values in each row group (manifest order) of each variable-length list column
+LIST_VALUE_COUNTS = "list_value_counts"
 FORMAT_VERSION = 1
 FORMATS = ("parquet", "arrow")
 
@@ -316,6 +326,21 @@ class Manifest:
         shard_ids = np.repeat(np.arange(len(table), dtype=np.int64), counts)
         local_ids = np.arange(len(table.rg_rows), dtype=np.int64) - table.rg_start[shard_ids]
         return table.rg_rows.copy(), shard_ids, local_ids
+
+    def list_value_counts(self, column: str) -> np.ndarray | None:
+        """Values in each row group of list column ``column`` as the writer counted them, or None
+        (not a variable-length list column, or a dataset written before the counts were kept)."""
+        counts = self.metadata.get(LIST_VALUE_COUNTS, {}).get(column)
+        if counts is None:
+            return None
+        array = np.asarray(counts, dtype=np.int64)
+        if array.shape != (self.num_row_groups,) or (array < 0).any():
+            raise ManifestError(
+                f"{self.url or '<manifest>'}: metadata {LIST_VALUE_COUNTS}[{column!r}] has "
+                f"{len(array)} entries for {self.num_row_groups} row groups (or negative ones); the "
+                "manifest was edited or corrupted - rewrite the dataset with `shards write`"
+            )
+        return array
 
     def row_group_lengths(self) -> np.ndarray:
         """Bytes of each global row group (shards in order)."""

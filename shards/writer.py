@@ -1,28 +1,48 @@
-"""``write_shards``: turn a table, a stream of batches or rows, or existing Parquet/Arrow files into shards.
+"""``write_shards``: turn a table, a stream of batches or rows, a Hugging Face ``datasets.Dataset``, or
+existing Parquet/Arrow files into shards.
 
 Output is deterministic for a given input and parameters: rows are cut into row groups of a fixed row
-count and shards of a fixed number of row groups, in input order; the manifest is written last.
+count and shards of a fixed number of row groups, in input order; the manifest is written last. Input
+files are streamed a bounded number of bytes at a time, never read whole; column types and schema
+metadata are kept as the source has them, except uniform-length lists cast to fixed-size lists.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from shards.errors import SchemaDriftError, ShardsError
-from shards.manifest import FORMATS, MANIFEST_NAME, Manifest, RowGroupInfo, ShardInfo, write_atomic
+from shards.manifest import (
+    FORMATS,
+    LIST_VALUE_COUNTS,
+    MANIFEST_NAME,
+    Manifest,
+    RowGroupInfo,
+    ShardInfo,
+    write_atomic,
+)
 from shards.storage import DatasetLocation, checksum_of, resolve_location
 
-__all__ = ["DEFAULT_BYTES_PER_SHARD", "DEFAULT_ROW_GROUP_BYTES", "ipc_batch_ranges", "write_shards"]
+__all__ = [
+    "DEFAULT_BYTES_PER_SHARD",
+    "DEFAULT_ROW_GROUP_BYTES",
+    "FixedLists",
+    "ipc_batch_ranges",
+    "uniform_list_lengths",
+    "write_shards",
+]
 
 DEFAULT_BYTES_PER_SHARD = 64 << 20
 DEFAULT_ROW_GROUP_BYTES = 2 << 20
 _ROWS_PER_DICT_CHUNK = 8192
+_PARQUET_BUFFER_BYTES = 1 << 20
 _FILE_SUFFIXES = (".parquet", ".arrow", ".feather", ".ipc")
 _EXTENSIONS = {"parquet": "parquet", "arrow": "arrow"}
 
@@ -38,6 +58,7 @@ def write_shards(
     storage_options: Mapping[str, Any] | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    fixed_lists: bool | Sequence[str] | None = None,
 ) -> Manifest:
     """Write ``source`` as shards under ``dest`` (any fsspec URL) and return the manifest.
 
@@ -47,12 +68,29 @@ def write_shards(
     "arrow" (IPC, memory-mapped when read locally). ``compression`` defaults to snappy for Parquet and
     none for Arrow (uncompressed IPC is read zero-copy). Row groups hold ``row_group_bytes``
     (default 2 MiB) of uncompressed data, shards about ``bytes_per_shard`` (default 64 MiB).
+
+    ``fixed_lists`` turns list columns of numbers whose lists all have one length (``list<int32>``
+    from a tokenizer that pads, as ``datasets`` types it) into fixed-size lists, which read as 2-D
+    tensors. ``None`` (default): every such column of a source held whole (Table, RecordBatch,
+    ``datasets.Dataset``), checked over all its rows; streamed sources keep their lists. ``True``:
+    every list column of numbers, ``False``: none, a list of names: those; a streamed batch that does
+    not match the first one's length is refused. Schema metadata (``datasets`` ClassLabel names, for
+    one) is kept in the shards and the manifest.
     """
     if format not in FORMATS:
         raise ValueError(f"format {format!r} is not supported; use one of {FORMATS}")
     if row_group_bytes <= 0 or bytes_per_shard <= 0:
         raise ValueError(
             f"row_group_bytes ({row_group_bytes}) and bytes_per_shard ({bytes_per_shard}) must be positive"
+        )
+    if isinstance(fixed_lists, str):
+        raise TypeError(
+            f"fixed_lists={fixed_lists!r}: pass a list of column names, True, False or None"
+        )
+    if _is_hf_dataset_dict(source):
+        raise TypeError(
+            f"write_shards got a datasets.DatasetDict with splits {list(source)}; write one split "
+            "at a time, e.g. write_shards(dataset_dict['train'], ...)"
         )
     location = resolve_location(dest, storage_options)
     manifest_path = f"{location.root}/{MANIFEST_NAME}"
@@ -68,10 +106,17 @@ def write_shards(
     if location.local:
         os.makedirs(location.root, exist_ok=True)
 
+    whole = _whole_table(source)
+    if fixed_lists is None:
+        lists = FixedLists(uniform_list_lengths(whole) if whole is not None else {}, explicit=False)
+    elif fixed_lists is False:
+        lists = FixedLists({}, explicit=False)
+    else:
+        lists = FixedLists({}, explicit=True, names=None if fixed_lists is True else fixed_lists)
     writer = _ShardWriter(location, format, compression, row_group_bytes, bytes_per_shard)
     report = _progress_reporter(progress, _count_rows(source))
-    for label, batch in _iter_source(source, storage_options):
-        writer.add(label, batch)
+    for label, batch in _iter_source(source, storage_options, row_group_bytes):
+        writer.add(label, lists.apply(label, batch))
         report(batch.num_rows)
     writer.finish()
     report(None)
@@ -79,15 +124,21 @@ def write_shards(
         raise ShardsError(
             f"{location.url}: the source has no rows; an empty dataset cannot be written"
         )
+    counts = writer.list_value_counts
     manifest = Manifest(
-        format=format, schema=writer.schema, shards=tuple(writer.shards), url=location.url
+        format=format,
+        schema=writer.schema,
+        shards=tuple(writer.shards),
+        url=location.url,
+        metadata={LIST_VALUE_COUNTS: counts} if counts else {},
     )
     manifest.save_to(location)
     return manifest
 
 
 class _ShardWriter:
-    """Cuts incoming batches into fixed-size row groups and fixed-count shards, written in memory first."""
+    """Cuts incoming batches into fixed-size row groups and fixed-count shards. A shard is serialised
+    in memory group by group as groups are cut (no batch is kept), then written as one object."""
 
     def __init__(
         self,
@@ -110,13 +161,18 @@ class _ShardWriter:
         self.groups_per_shard = 0
         self.pending: list[pa.RecordBatch] = []
         self.pending_rows = 0
-        self.groups: list[pa.RecordBatch] = []
+        self.group_rows: list[int] = []  # row groups of the shard being serialised
+        self._sink: pa.BufferOutputStream | None = None
+        self._file_writer: Any = None
         self.shards: list[ShardInfo] = []
+        # values per row group of each variable-length list column (token streams need them)
+        self.list_value_counts: dict[str, list[int]] = {}
 
     def add(self, label: str, batch: pa.RecordBatch) -> None:
         if self.schema is None:
-            self.schema = batch.schema.remove_metadata()
+            self.schema = batch.schema  # its metadata too: ClassLabel names, pandas index...
             self.first_label = label
+            self.list_value_counts = {f.name: [] for f in self.schema if _is_variable_list(f.type)}
         elif not batch.schema.remove_metadata().equals(self.schema):
             raise SchemaDriftError(
                 f"{label}: {describe_schema_drift(self.schema, batch.schema)} "
@@ -130,7 +186,7 @@ class _ShardWriter:
             self.groups_per_shard = max(
                 1, self.bytes_per_shard // (self.rows_per_group * row_bytes)
             )
-        self.pending.append(batch.replace_schema_metadata(None))
+        self.pending.append(batch.replace_schema_metadata(self.schema.metadata))
         self.pending_rows += batch.num_rows
         while self.pending_rows >= self.rows_per_group:
             self._cut_group(self.rows_per_group)
@@ -142,41 +198,49 @@ class _ShardWriter:
         rest = table.slice(rows)
         self.pending = rest.to_batches() if rest.num_rows else []
         self.pending_rows = rest.num_rows
-        self.groups.append(group[0])
-        if len(self.groups) == self.groups_per_shard:
+        for name, counts in self.list_value_counts.items():
+            counts.append(len(group[0].column(name).flatten()))
+        self._serialise(group[0])
+        if len(self.group_rows) == self.groups_per_shard:
             self._flush_shard()
+
+    def _serialise(self, group: pa.RecordBatch) -> None:
+        assert self.schema is not None
+        if self._file_writer is None:
+            self._sink = pa.BufferOutputStream()
+            if self.format == "arrow":
+                options = pa.ipc.IpcWriteOptions(compression=self.compression)
+                self._file_writer = pa.ipc.new_file(self._sink, self.schema, options=options)
+            else:
+                self._file_writer = pq.ParquetWriter(
+                    self._sink, self.schema, compression=self.compression, write_statistics=False
+                )
+        if self.format == "arrow":
+            self._file_writer.write_batch(group)
+        else:
+            self._file_writer.write_batch(group, row_group_size=group.num_rows)
+        self.group_rows.append(group.num_rows)
 
     def finish(self) -> None:
         if self.pending_rows:
             self._cut_group(self.pending_rows)
-        if self.groups:
+        if self.group_rows:
             self._flush_shard()
 
     def _flush_shard(self) -> None:
-        assert self.schema is not None
+        assert self._sink is not None
         name = f"shard-{len(self.shards):05d}.{_EXTENSIONS[self.format]}"
-        sink = pa.BufferOutputStream()
+        self._file_writer.close()
+        data = self._sink.getvalue()
+        self._sink = self._file_writer = None
         if self.format == "arrow":
-            options = pa.ipc.IpcWriteOptions(compression=self.compression)
-            with pa.ipc.new_file(sink, self.schema, options=options) as ipc:
-                for group in self.groups:
-                    ipc.write_batch(group)
-            data = sink.getvalue()
             ranges = ipc_batch_ranges(data)
         else:
-            with pq.ParquetWriter(
-                sink, self.schema, compression=self.compression, write_statistics=False
-            ) as pw:
-                for group in self.groups:
-                    pw.write_batch(group, row_group_size=group.num_rows)
-            data = sink.getvalue()
             ranges = parquet_row_group_ranges(pq.read_metadata(pa.BufferReader(data)))
-        assert len(ranges) == len(self.groups), (name, len(ranges), len(self.groups))
+        assert len(ranges) == len(self.group_rows), (name, len(ranges), len(self.group_rows))
         row_groups = tuple(
-            RowGroupInfo(
-                group.num_rows, start, length, checksum_of(memoryview(data)[start : start + length])
-            )
-            for group, (start, length) in zip(self.groups, ranges, strict=True)
+            RowGroupInfo(rows, start, length, checksum_of(memoryview(data)[start : start + length]))
+            for rows, (start, length) in zip(self.group_rows, ranges, strict=True)
         )
         write_atomic(self.location, self.location.path_of(name), memoryview(data))
         self.shards.append(
@@ -188,7 +252,119 @@ class _ShardWriter:
                 row_groups=row_groups,
             )
         )
-        self.groups = []
+        self.group_rows = []
+
+
+def _is_variable_list(type_: pa.DataType) -> bool:
+    return pa.types.is_list(type_) or pa.types.is_large_list(type_)
+
+
+def _is_number(type_: pa.DataType) -> bool:
+    return pa.types.is_integer(type_) or pa.types.is_floating(type_) or pa.types.is_boolean(type_)
+
+
+def _list_lengths(column: pa.Array | pa.ChunkedArray) -> tuple[int, int] | None:
+    """Shortest and longest list of a list column, or None when a list is null (or no rows)."""
+    if column.null_count or len(column) == 0:
+        return None
+    lengths = pc.list_value_length(column)
+    bounds = pc.min_max(lengths)
+    return bounds["min"].as_py(), bounds["max"].as_py()
+
+
+def uniform_list_lengths(table: pa.Table) -> dict[str, int]:
+    """List columns of numbers whose lists all have one length (no nulls): name -> that length.
+
+    Reads only the list offsets, so a memory-mapped table is checked without touching its values.
+    """
+    found = {}
+    for field in table.schema:
+        if _is_variable_list(field.type) and _is_number(field.type.value_type):
+            bounds = _list_lengths(table.column(field.name))
+            if bounds is not None and bounds[0] == bounds[1]:
+                found[field.name] = bounds[0]
+    return found
+
+
+class FixedLists:
+    """Casts list columns to fixed-size lists: the ``lengths`` given, or (``explicit``) the ``names``
+    (all list columns of numbers when None) at the length of the first batch that has rows."""
+
+    def __init__(
+        self,
+        lengths: Mapping[str, int],
+        *,
+        explicit: bool,
+        names: Sequence[str] | None = None,
+    ) -> None:
+        self.lengths = dict(lengths)
+        self.explicit, self.names = explicit, list(names) if names is not None else None
+        self.first_label = ""
+        self._decided = not explicit
+
+    def _decide(self, label: str, batch: pa.RecordBatch) -> None:
+        schema = batch.schema
+        if self.names is not None:
+            unknown = [name for name in self.names if name not in schema.names]
+            if unknown:
+                raise ShardsError(
+                    f"{label}: fixed_lists names column(s) {unknown} that the source does not have "
+                    f"(it has {schema.names})"
+                )
+        for field in schema:
+            if self.names is not None and field.name not in self.names:
+                continue
+            if not (_is_variable_list(field.type) and _is_number(field.type.value_type)):
+                if self.names is not None and not pa.types.is_fixed_size_list(field.type):
+                    raise ShardsError(
+                        f"{label}: fixed_lists names column {field.name!r} of type {field.type}, "
+                        "which is not a list of numbers; leave it out of fixed_lists"
+                    )
+                continue
+            bounds = _list_lengths(batch.column(field.name))
+            if bounds is None or bounds[0] != bounds[1]:
+                raise ShardsError(self._mismatch(label, field.name, bounds, None))
+            self.lengths[field.name] = bounds[0]
+        self.first_label, self._decided = label, True
+
+    def _mismatch(
+        self, label: str, name: str, bounds: tuple[int, int] | None, length: int | None
+    ) -> str:
+        found = "null lists" if bounds is None else f"lists of {bounds[0]} to {bounds[1]} values"
+        wanted = (
+            f"one length ({length}, set by {self.first_label})"
+            if length is not None
+            else "one length"
+        )
+        return (
+            f"{label}: column {name!r} has {found}, but fixed_lists asks for {wanted}; pad or "
+            "truncate the lists when tokenizing, or leave the column out of fixed_lists"
+        )
+
+    def apply(self, label: str, batch: pa.RecordBatch) -> pa.RecordBatch:
+        if not self._decided:
+            if batch.num_rows == 0:
+                return batch
+            self._decide(label, batch)
+        if not self.lengths:
+            return batch
+        columns, fields = list(batch.columns), list(batch.schema)
+        for name, length in self.lengths.items():
+            index = batch.schema.get_field_index(name)
+            if index < 0 or not _is_variable_list(fields[index].type):
+                continue  # missing: the writer names the schema drift
+            column = columns[index]
+            if len(column):
+                bounds = _list_lengths(column)
+                if bounds != (length, length):
+                    raise ShardsError(self._mismatch(label, name, bounds, length))
+            columns[index] = pa.FixedSizeListArray.from_arrays(column.flatten(), length)
+            fields[index] = pa.field(
+                name, columns[index].type, fields[index].nullable, fields[index].metadata
+            )
+        return pa.RecordBatch.from_arrays(
+            columns, schema=pa.schema(fields, metadata=batch.schema.metadata)
+        )
 
 
 def ipc_batch_ranges(data: pa.Buffer) -> list[tuple[int, int]]:
@@ -251,7 +427,7 @@ def describe_schema_drift(expected: pa.Schema, actual: pa.Schema) -> str:
 
 
 def _iter_source(
-    source: Any, storage_options: Mapping[str, Any] | None
+    source: Any, storage_options: Mapping[str, Any] | None, read_bytes: int
 ) -> Iterator[tuple[str, pa.RecordBatch]]:
     if isinstance(source, pa.Table):
         for index, batch in enumerate(source.to_batches(max_chunksize=65536)):
@@ -261,14 +437,19 @@ def _iter_source(
     elif isinstance(source, pa.RecordBatchReader):
         for index, batch in enumerate(source):
             yield f"reader batch {index}", batch
+    elif _is_hf_dataset(source):
+        # its Arrow table as it is: no row dicts, no retyping, schema metadata kept
+        for index, table in enumerate(source.with_format("arrow").iter(batch_size=65536)):
+            for sub, batch in enumerate(table.to_batches()):
+                yield f"datasets.Dataset batch {index}.{sub}", batch
     elif isinstance(source, str | os.PathLike):
-        yield from _iter_files([os.fspath(source)], storage_options)
+        yield from _iter_files([os.fspath(source)], storage_options, read_bytes)
     elif (
         isinstance(source, list | tuple)
         and source
         and all(isinstance(s, str | os.PathLike) for s in source)
     ):
-        yield from _iter_files([os.fspath(s) for s in source], storage_options)
+        yield from _iter_files([os.fspath(s) for s in source], storage_options, read_bytes)
     elif isinstance(source, Iterable):
         yield from _iter_items(source)
     else:
@@ -326,7 +507,7 @@ def _rows_to_batch(
 
 
 def _iter_files(
-    paths: list[str], storage_options: Mapping[str, Any] | None
+    paths: list[str], storage_options: Mapping[str, Any] | None, read_bytes: int
 ) -> Iterator[tuple[str, pa.RecordBatch]]:
     import fsspec.core
 
@@ -342,36 +523,80 @@ def _iter_files(
             files = [root]
         for file in files:
             label = file if "://" not in path else f"{path.split('://')[0]}://{file}"
-            yield from _iter_one_file(fs, file, label)
+            yield from _iter_one_file(fs, file, label, read_bytes)
 
 
-def _iter_one_file(fs: Any, path: str, label: str) -> Iterator[tuple[str, pa.RecordBatch]]:
-    if path.endswith(".parquet"):
-        with fs.open(path, "rb") as handle:
-            parquet = pq.ParquetFile(handle)
-            for index, batch in enumerate(parquet.iter_batches(batch_size=65536)):
+def _iter_one_file(
+    fs: Any, path: str, label: str, read_bytes: int
+) -> Iterator[tuple[str, pa.RecordBatch]]:
+    """A file's record batches, read a bounded number of bytes at a time (never the whole file):
+    Parquet about ``read_bytes`` decoded per read, Arrow IPC one record batch as written."""
+    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    handle: Any = pa.OSFile(path) if local else fs.open(path, "rb")
+    with handle:
+        if path.endswith(".parquet"):
+            # pages read through a small buffer: pre-buffering (pyarrow's default) and unbuffered
+            # reads both hold whole column chunks, a whole file when it is one row group
+            parquet = pq.ParquetFile(handle, pre_buffer=False, buffer_size=_PARQUET_BUFFER_BYTES)
+            rows = _rows_per_read(parquet.metadata, read_bytes)
+            for index, batch in enumerate(parquet.iter_batches(batch_size=rows)):
                 yield f"{label} batch {index}", batch
-        return
-    with fs.open(path, "rb") as handle:
-        data = pa.py_buffer(handle.read())
-    try:
-        reader: Any = pa.ipc.open_file(data)
-        batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
-    except pa.ArrowInvalid:
+            return
         try:
-            batches = iter(pa.ipc.open_stream(data))  # Hugging Face datasets cache files
-        except pa.ArrowInvalid as exc:
-            raise ShardsError(
-                f"{label}: neither Parquet nor an Arrow IPC file or stream ({exc}); name Parquet files "
-                "*.parquet and pass only Parquet or Arrow files"
-            ) from exc
-    for index, batch in enumerate(batches):
-        yield f"{label} batch {index}", batch
+            reader: Any = pa.ipc.open_file(handle)
+            batches: Iterator[pa.RecordBatch] = (
+                reader.get_batch(i) for i in range(reader.num_record_batches)
+            )
+        except pa.ArrowInvalid:
+            handle.seek(0)
+            try:
+                batches = iter(pa.ipc.open_stream(handle))  # Hugging Face datasets cache files
+            except pa.ArrowInvalid as exc:
+                raise ShardsError(
+                    f"{label}: neither Parquet nor an Arrow IPC file or stream ({exc}); name Parquet "
+                    "files *.parquet and pass only Parquet or Arrow files"
+                ) from exc
+        for index, batch in enumerate(batches):
+            yield f"{label} batch {index}", batch
+
+
+def _rows_per_read(metadata: pq.FileMetaData, read_bytes: int) -> int:
+    """Rows that decode to about ``read_bytes`` (the writer's row group size), at most 65,536."""
+    rows = sum(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
+    decoded = sum(metadata.row_group(i).total_byte_size for i in range(metadata.num_row_groups))
+    row_bytes = max(1, decoded // max(1, rows))
+    return max(1, min(65536, read_bytes // row_bytes))
+
+
+def _is_hf_dataset(source: Any) -> bool:
+    """A Hugging Face ``datasets.Dataset`` (without importing ``datasets``)."""
+    kind = type(source)
+    return kind.__module__.startswith("datasets.") and kind.__name__ == "Dataset"
+
+
+def _is_hf_dataset_dict(source: Any) -> bool:
+    kind = type(source)
+    return kind.__module__.startswith("datasets.") and kind.__name__ == "DatasetDict"
+
+
+def _whole_table(source: Any) -> pa.Table | None:
+    """The source as one table when it is held whole (checked for uniform lists over every row)."""
+    if isinstance(source, pa.Table):
+        return source
+    if isinstance(source, pa.RecordBatch):
+        return pa.Table.from_batches([source])
+    if _is_hf_dataset(source):
+        # the table behind any indices mapping: its rows are a superset, so lists uniform there
+        # are uniform in the dataset
+        return source.data.table
+    return None
 
 
 def _count_rows(source: Any) -> int | None:
     if isinstance(source, pa.Table | pa.RecordBatch):
         return source.num_rows
+    if _is_hf_dataset(source):
+        return len(source)
     return None
 
 
