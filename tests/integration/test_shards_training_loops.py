@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from shards import ShardedDataset, write_shards
+from tests.integration.processes import clean_env, finish, start
 from tests.shards.synthetic import make_table
 from trainkit.exit_codes import EXIT_PREEMPTED
 
@@ -91,43 +92,6 @@ BARE = textwrap.dedent(
 class FakeWorld:
     rank: int
     world_size: int
-
-
-def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("PET_", "TORCHELASTIC_", "TRAINKIT_"))
-    }
-    root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
-    env["TMPDIR"] = str(tmp_path)  # records of checked row groups stay in the test's directory
-    return {**env, "OMP_NUM_THREADS": "1", **extra}
-
-
-def start(command: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-
-
-def finish(process: subprocess.Popen[str], timeout_s: float, what: str) -> tuple[int, str]:
-    try:
-        output, _ = process.communicate(timeout=timeout_s)
-        return process.returncode, output
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate(timeout=10)
-        pytest.fail(f"{what} did not exit within {timeout_s} s:\n{output[-3000:]}")
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
 
 
 def read_log(path: Path) -> dict[int, list[int]]:

@@ -1,0 +1,5 @@
+"""``python -m trainkit``: the same as the ``trainkit`` command."""
+
+from trainkit.cli import main
+
+main()
