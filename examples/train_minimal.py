@@ -33,8 +33,10 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -220,4 +222,11 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except Exception:
+        # A failed collective (a peer lost) leaves work queued on the process group, and the
+        # interpreter's teardown would wait on it: exit now so trainkit-run restarts the world.
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)

@@ -69,7 +69,9 @@ class K8sRendezvousConfig:
     a training pod hosts the store); ``ip_family``: ``auto``/``ipv4``/``ipv6``; ``dns_timeout_s``:
     how long to wait for records (``dns_timeout``, default ``join_timeout``, default 600);
     ``store_grace_s``: elastic worlds skip a lower ordinal whose store does not answer for this long
-    (``store_grace``, default 10); ``read_timeout_s``: store operation timeout (``read_timeout``, 60).
+    (``store_grace``, default 10); ``read_timeout_s``: store operation timeout (``read_timeout``, 60);
+    ``dns_membership``: elastic worlds drop pods that left DNS at once and close a round when every
+    live pod joined (``dns_membership``, default 1; 0 leaves it to torch's timeouts alone).
     """
 
     service: str
@@ -79,6 +81,7 @@ class K8sRendezvousConfig:
     dns_timeout_s: float = 600.0
     store_grace_s: float = 10.0
     read_timeout_s: float = 60.0
+    dns_membership: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -117,7 +120,17 @@ class K8sRendezvousConfig:
             dns_timeout_s=float(params.get("dns_timeout", params.get("join_timeout", 600))),
             store_grace_s=float(params.get("store_grace", 10)),
             read_timeout_s=float(params.get("read_timeout", 60)),
+            dns_membership=_flag(params.get("dns_membership", "1"), "dns_membership"),
         )
+
+
+def _flag(value: object, name: str) -> bool:
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"k8s rendezvous: {name}={value!r} in --rdzv-conf; expected 1 or 0")
 
 
 def _accepts(address: str, port: int, timeout_s: float = 0.5) -> bool:
@@ -308,6 +321,9 @@ def _make_handler_class() -> type:
             # MASTER_ADDR (only a node that was never rank 0 before publishes it); this handler
             # serves the workers' store itself, so the inner handler runs with sharing disabled.
             started = time.monotonic()
+            logger.info(
+                "%s rendezvous: pod %s joining", self._backend_name, self._identity.hostname
+            )
             previous = os.environ.get(_DISABLE_SHARED_STORE)
             os.environ[_DISABLE_SHARED_STORE] = "1"
             try:
@@ -491,7 +507,7 @@ def create_k8s_handler(
         static_num_nodes=params.max_nodes if static else None,
         backend_name="k8s",
         membership=None
-        if static
+        if static or not config.dns_membership
         else DnsMembership(
             service=config.service,
             own_address=pod_ip,
