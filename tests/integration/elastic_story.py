@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tests.integration.podnet import Pod, PodNet
 
-__all__ = ["ElasticStory", "StoryConfig", "account"]
+__all__ = ["ElasticStory", "StoryConfig", "account", "timeline"]
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "train_minimal.py"
@@ -419,6 +419,7 @@ class ElasticStory:
         result["goodput_final"] = goodput[-1][1] if goodput else None
         result["exit_codes"] = self.exit_codes
         result["started_at"] = self.started_at
+        result["timeline"] = timeline(events)
         return result
 
     def recovery(self, failure: Failure, events: list[dict]) -> dict:
@@ -505,6 +506,22 @@ class ElasticStory:
             if process is not None and process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     process.kill()
+
+
+def timeline(events: list[dict]) -> dict[str, list[tuple[float, int]]]:
+    """World size (0 between rounds), rank 0's steps and the saves over time, for the picture."""
+    rounds: dict[str, list[float]] = {}
+    sizes: dict[str, int] = {}
+    for event in events:
+        if event["event"] == "step":
+            rounds.setdefault(event["round"], []).append(event["t"])
+            sizes[event["round"]] = event["world_size"]
+    world: list[tuple[float, int]] = []
+    for key, times in sorted(rounds.items(), key=lambda item: min(item[1])):
+        world += [(min(times), sizes[key]), (max(times), 0)]
+    steps = sorted((e["t"], e["step"]) for e in events if e["event"] == "step" and e["rank"] == 0)
+    saves = sorted((e["t"], e["step"]) for e in events if e["event"] == "saved")
+    return {"world_size": world, "steps": steps, "saves": saves}
 
 
 def account(events: list[dict], *, rows: int, save_every: int, batch_size: int) -> dict:
