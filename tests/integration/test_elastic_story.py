@@ -7,6 +7,7 @@ Three namespace pods with real DNS, ``trainkit-run --nnodes 2:3`` with the ``k8s
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -23,6 +24,7 @@ pytestmark = [
         netns_unavailable_reason() is not None, reason=netns_unavailable_reason() or ""
     ),
     pytest.mark.skipif(shutil.which("prometheus") is None, reason="needs prometheus"),
+    pytest.mark.skipif(importlib.util.find_spec("moto") is None, reason="needs moto[server]"),
 ]
 
 CI_STORY = StoryConfig(
