@@ -281,6 +281,7 @@ def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None)
     from torch.distributed.run import determine_local_world_size
     from torch.distributed.run import run as torch_run
 
+    from launchers.restarts import install_restart_policy
     from launchers.standalone import use_standalone_rendezvous
     from trainkit.comms import CommsPlanError, apply_plan
     from trainkit.k8s.signed_state import require_job_token
@@ -335,6 +336,7 @@ def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None)
     get_error_handler().initialize()
     status_dir = Path(tempfile.mkdtemp(prefix="trainkit-exit-"))
     os.environ[EXIT_STATUS_DIR_VARIABLE] = str(status_dir)
+    install_restart_policy(status_dir)  # a broken group is stopped in seconds, not the grace period
     try:
         torch_run(args)
         return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from datetime import timedelta
 
 from trainkit.world import World
@@ -47,12 +47,19 @@ def _format_host(addr: str) -> str:
     return f"[{addr}]" if ":" in addr and not addr.startswith("[") else addr
 
 
-def _agent_store(world: World, timeout: timedelta):
-    """A client of the elastic agent's store, namespaced by restart attempt.
+#: torch's switch that gives every rendezvous round a fresh agent store (trainkit-run sets it).
+_FRESH_STORE_EACH_ROUND = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+
+
+def _agent_store(world: World, timeout: timedelta, env: Mapping[str, str]):
+    """A client of the elastic agent's store, namespaced by restart attempt when it is shared.
 
     torch's env:// path reuses the agent's store unprefixed; after a worker-group restart the new
     gloo group can then read the previous attempt's addresses and fail with "Connection refused"
-    (seen with torch 2.13). A prefix per restart keeps every attempt's keys apart.
+    (seen with torch 2.13). A prefix per restart keeps every attempt's keys apart. When each
+    round gets a fresh store (trainkit-run sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1) no prefix
+    is needed, and none may depend on the restart count: a pod that joins later counts its own
+    restarts from 0, and its workers would wait forever for keys under another attempt.
     """
     import torch.distributed as dist
 
@@ -63,6 +70,8 @@ def _agent_store(world: World, timeout: timedelta):
         is_master=False,
         timeout=timeout,
     )
+    if env.get(_FRESH_STORE_EACH_ROUND) == "1":
+        return dist.PrefixStore("trainkit/round", client)
     return dist.PrefixStore(f"trainkit/attempt-{world.restart_count}", client)
 
 
@@ -78,7 +87,7 @@ def _export_comms_plan(process_env: MutableMapping[str, str]) -> None:
     apply_plan(process_env)
 
 
-def _rendezvous(world: World, timeout: timedelta) -> dict[str, object]:
+def _rendezvous(world: World, timeout: timedelta, env: Mapping[str, str]) -> dict[str, object]:
     """``init_process_group`` arguments that join ``world``, taken from the ``World`` alone.
 
     A world of one needs no network (an in-memory store avoids port clashes); under a launcher
@@ -92,7 +101,7 @@ def _rendezvous(world: World, timeout: timedelta) -> dict[str, object]:
         return {"store": dist.HashStore(), "rank": 0, "world_size": 1}
     if world.use_agent_store:
         return {
-            "store": _agent_store(world, timeout),
+            "store": _agent_store(world, timeout, env),
             "rank": world.rank,
             "world_size": world.world_size,
         }
@@ -149,7 +158,7 @@ def init(
             kwargs: dict[str, object] = {"backend": resolved, "timeout": timeout}
             if device_id is not None:
                 kwargs["device_id"] = device_id
-            kwargs.update(_rendezvous(world, timeout))
+            kwargs.update(_rendezvous(world, timeout, process_env))
             dist.init_process_group(**kwargs)  # type: ignore[arg-type]
             logger.info(
                 "trainkit: rank %d/%d joined (backend %s, source %s)",

@@ -117,3 +117,29 @@ def test_agent_store_comes_from_the_world_and_is_namespaced_by_restart() -> None
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "agent store"
+
+
+def test_fresh_store_each_round_needs_no_restart_prefix() -> None:
+    # trainkit-run gives every round a fresh store; a pod that joined later has restart_count 0
+    # while the others count 1, so a per-restart prefix would keep them waiting for each other.
+    result = run_python(
+        """
+        import os, socket, torch, torch.distributed as dist, trainkit
+        from trainkit.world import World
+        os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0)); port = probe.getsockname()[1]
+        agent = dist.TCPStore("127.0.0.1", port, world_size=1, is_master=True, wait_for_workers=False)
+        world = World(
+            rank=0, world_size=1, master_port=port, restart_count=3, run_id="r",
+            source="torchrun", use_agent_store=True,
+        )
+        trainkit.init(world=world)
+        keys = agent.list_keys()
+        trainkit.shutdown()
+        assert keys and all(key.startswith("trainkit/round/") for key in keys), keys
+        print("fresh store")
+        """
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "fresh store"

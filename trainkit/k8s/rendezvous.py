@@ -30,6 +30,7 @@ from trainkit.k8s.dns import (
     wait_for_name,
 )
 from trainkit.k8s.identity import PodIdentity, read_pod_identity, service_fqdn
+from trainkit.k8s.membership import DnsMembership, install_dns_membership
 
 if TYPE_CHECKING:
     from torch.distributed import Store
@@ -68,7 +69,9 @@ class K8sRendezvousConfig:
     a training pod hosts the store); ``ip_family``: ``auto``/``ipv4``/``ipv6``; ``dns_timeout_s``:
     how long to wait for records (``dns_timeout``, default ``join_timeout``, default 600);
     ``store_grace_s``: elastic worlds skip a lower ordinal whose store does not answer for this long
-    (``store_grace``, default 10); ``read_timeout_s``: store operation timeout (``read_timeout``, 60).
+    (``store_grace``, default 10); ``read_timeout_s``: store operation timeout (``read_timeout``, 60);
+    ``dns_membership``: elastic worlds drop pods that left DNS at once and close a round when every
+    live pod joined (``dns_membership``, default 1; 0 leaves it to torch's timeouts alone).
     """
 
     service: str
@@ -78,6 +81,7 @@ class K8sRendezvousConfig:
     dns_timeout_s: float = 600.0
     store_grace_s: float = 10.0
     read_timeout_s: float = 60.0
+    dns_membership: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -116,7 +120,17 @@ class K8sRendezvousConfig:
             dns_timeout_s=float(params.get("dns_timeout", params.get("join_timeout", 600))),
             store_grace_s=float(params.get("store_grace", 10)),
             read_timeout_s=float(params.get("read_timeout", 60)),
+            dns_membership=_flag(params.get("dns_membership", "1"), "dns_membership"),
         )
+
+
+def _flag(value: object, name: str) -> bool:
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"k8s rendezvous: {name}={value!r} in --rdzv-conf; expected 1 or 0")
 
 
 def _accepts(address: str, port: int, timeout_s: float = 0.5) -> bool:
@@ -306,6 +320,10 @@ def _make_handler_class() -> type:
             # torch's shared-store path leaves a node that joins a later round waiting forever for
             # MASTER_ADDR (only a node that was never rank 0 before publishes it); this handler
             # serves the workers' store itself, so the inner handler runs with sharing disabled.
+            started = time.monotonic()
+            logger.info(
+                "%s rendezvous: pod %s joining", self._backend_name, self._identity.hostname
+            )
             previous = os.environ.get(_DISABLE_SHARED_STORE)
             os.environ[_DISABLE_SHARED_STORE] = "1"
             try:
@@ -340,13 +358,15 @@ def _make_handler_class() -> type:
                 store.set("bootstrap", json.dumps([self._pod_ip, self._bootstrap_server.port]))
             master_addr, master_port = json.loads(store.get("bootstrap"))
             logger.info(
-                "%s rendezvous: pod %s (ordinal %s) is node %d of %d; workers' store %s",
+                "%s rendezvous: pod %s (ordinal %s) is node %d of %d; workers' store %s; round took "
+                "%.2f s",
                 self._backend_name,
                 self._identity.hostname,
                 self._identity.ordinal,
                 rank,
                 info.world_size,
                 format_host_port(master_addr, master_port),
+                time.monotonic() - started,
             )
             return RendezvousInfo(
                 info.store, rank, info.world_size, RendezvousStoreInfo(master_addr, master_port)
@@ -379,11 +399,13 @@ def wrap_dynamic_handler(
     advertise_addr: str,
     static_num_nodes: int | None,
     backend_name: str,
+    membership: DnsMembership | None = None,
 ) -> RendezvousHandler:
     """torch's dynamic rendezvous on ``store``, its state signed with ``key`` (None: unsigned).
 
     Node ranks follow pod ordinals and node rank 0 serves each round's workers a fresh store that
-    listens on ``advertise_addr`` only.
+    listens on ``advertise_addr`` only. With ``membership`` (elastic k8s worlds), pods that left
+    DNS leave the rendezvous at once and a round closes when every live pod has joined.
     """
     from torch.distributed.elastic.rendezvous.c10d_rendezvous_backend import C10dRendezvousBackend
     from torch.distributed.elastic.rendezvous.dynamic_rendezvous import create_handler
@@ -397,6 +419,8 @@ def wrap_dynamic_handler(
         )
     params.local_addr = advertise_addr
     inner = create_handler(store, backend, params)
+    if membership is not None:
+        install_dns_membership(inner, membership)
     return _make_handler_class()(
         inner,
         identity=identity,
@@ -482,6 +506,14 @@ def create_k8s_handler(
         advertise_addr=pod_ip,
         static_num_nodes=params.max_nodes if static else None,
         backend_name="k8s",
+        membership=None
+        if static or not config.dns_membership
+        else DnsMembership(
+            service=config.service,
+            own_address=pod_ip,
+            resolver=resolver or default_resolver(),
+            families={"auto": ("A", "AAAA"), "ipv4": ("A",), "ipv6": ("AAAA",)}[config.ip_family],
+        ),
     )
 
 
