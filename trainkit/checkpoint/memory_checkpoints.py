@@ -197,6 +197,7 @@ class MemoryCheckpoints:
         if choice.tier == TIER_MEMORY:
             step = self._restore_from_memory(choice, state)
             if step is not None:
+                self.tier.discard_newer_than(step)
                 return step
         elif choice.step is not None:
             self._warn_fallback(
@@ -207,6 +208,7 @@ class MemoryCheckpoints:
         if step is not None:
             self.last_restore = {"tier": TIER_STORAGE, "step": step}
             _observe("restore_" + TIER_STORAGE, 0, time.monotonic() - started)
+        self.tier.discard_newer_than(step)
         return step
 
     def _storage_steps(self, storage_steps: Callable[[], list[int]]) -> list[int]:

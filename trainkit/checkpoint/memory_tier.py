@@ -218,6 +218,7 @@ class MemoryTier:
     def _write(self, snapshot: Snapshot) -> None:
         step = snapshot.step
         try:
+            self._remove_step(step)  # a snapshot of this step from a timeline that was rolled back
             self._writer.write(snapshot)
         except Exception as error:  # a lost memory snapshot costs nothing the next one does not fix
             logger.warning("trainkit: memory snapshot of step %d failed: %s", step, error)
@@ -236,6 +237,21 @@ class MemoryTier:
         with self._lock:
             self._protected = set(steps)
 
+    def _remove_step(self, step: int) -> None:
+        directory = self.step_directory(step)
+        # The record goes first: a half-removed snapshot is then uncommitted, never corrupt-looking.
+        self.root.remove_tree(f"{directory}/{COMMIT_NAME}")
+        self.root.remove_tree(directory)
+
+    def discard_newer_than(self, step: int | None) -> None:
+        """Remove snapshots newer than the restored ``step`` (all when None): training goes on from
+        ``step``, so they belong to a timeline that no longer exists."""
+        self.wait()
+        committed, partial, _ = classify_steps(self.root)
+        for newer in sorted(set(committed) | set(partial)):
+            if step is None or newer > step:
+                self._remove_step(newer)
+
     def _remove_old_steps(self, newest: int) -> None:
         committed, partial, _ = classify_steps(self.root)
         with self._lock:
@@ -243,10 +259,7 @@ class MemoryTier:
         for step in plan_retention(
             committed, partial, keep_last=self.keep, keep_every=None, in_flight=[newest, *protected]
         ):
-            directory = self.step_directory(step)
-            if step in committed:
-                self.root.remove_tree(f"{directory}/{COMMIT_NAME}")
-            self.root.remove_tree(directory)
+            self._remove_step(step)
 
     # ----- restore ----------------------------------------------------------------------------
 
