@@ -61,7 +61,7 @@ def main() -> None:
     log = out / f"{socket.gethostname()}-rank{world.rank}-restart{world.restart_count}.jsonl"
 
     def record(kind: str, **fields: object) -> None:
-        line = json.dumps({"kind": kind, "rank": world.rank, "host": socket.gethostname(), **fields})
+        line = json.dumps({"kind": kind, "rank": world.rank, "host": socket.gethostname(), "t": time.time(), **fields})
         with log.open("a") as handle:
             handle.write(line + "\n")
 
