@@ -14,12 +14,14 @@ __all__ = [
     "APPLIED_VARIABLE",
     "CLUSTER_DOMAIN_VARIABLE",
     "DEFAULT_RDZV_PORT",
+    "DEFAULT_REPLICA_PORT",
     "MEMORY_ROOT_VARIABLE",
     "NNODES_VARIABLE",
     "PODS_PER_JOB_VARIABLE",
     "RDZV_PORT_VARIABLE",
     "RDZV_STORE_VARIABLE",
     "REPLICA_ADDRESS_VARIABLE",
+    "REPLICA_PORT_VARIABLE",
     "REQUIRE_RDMA_VARIABLE",
     "RUN_ID_VARIABLE",
     "SERVICE_VARIABLE",
@@ -36,6 +38,7 @@ __all__ = [
     "read_rdzv_port",
     "read_rdzv_store",
     "read_replica_address",
+    "read_replica_port",
     "read_require_rdma",
     "read_run_id",
     "read_service",
@@ -46,12 +49,16 @@ __all__ = [
 #: torch's c10d rendezvous default port, so ``--rdzv-endpoint svc`` means the same port as with c10d.
 DEFAULT_RDZV_PORT = 29400
 
+#: The peer replica server's port (checkpoint memory tier): next to the rendezvous port's range.
+DEFAULT_REPLICA_PORT = 29410
+
 #: What ``TRAINKIT_WORKLOAD`` may force when the hostname alone is ambiguous.
 WORKLOAD_KINDS = ("statefulset", "indexed-job", "jobset", "pytorchjob")
 
 NNODES_VARIABLE = "TRAINKIT_NNODES"
 RDZV_PORT_VARIABLE = "TRAINKIT_RDZV_PORT"
 RDZV_STORE_VARIABLE = "TRAINKIT_RDZV_STORE"
+REPLICA_PORT_VARIABLE = "TRAINKIT_REPLICA_PORT"
 RUN_ID_VARIABLE = "TRAINKIT_RUN_ID"
 SERVICE_VARIABLE = "TRAINKIT_SERVICE"
 SUBDOMAIN_VARIABLE = "TRAINKIT_SUBDOMAIN"
@@ -127,6 +134,19 @@ def read_rdzv_port(env: Mapping[str, str]) -> int:
         raise ValueError(
             f"{RDZV_PORT_VARIABLE}={raw!r}: expected a port number in 1..65535; "
             f"unset it for the default {DEFAULT_RDZV_PORT}"
+        )
+    return int(raw)
+
+
+def read_replica_port(env: Mapping[str, str]) -> int:
+    """``TRAINKIT_REPLICA_PORT``: the peer replica server's port; default ``DEFAULT_REPLICA_PORT``."""
+    raw = _text(env, REPLICA_PORT_VARIABLE)
+    if raw is None:
+        return DEFAULT_REPLICA_PORT
+    if not _is_decimal(raw) or not 0 < int(raw) < 65536:
+        raise ValueError(
+            f"{REPLICA_PORT_VARIABLE}={raw!r}: expected a port number in 1..65535; "
+            f"unset it for the default {DEFAULT_REPLICA_PORT}"
         )
     return int(raw)
 
