@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
-from trainkit.env_vars import MEMORY_ROOT_VARIABLE, REPLICA_ADDRESS_VARIABLE
+from trainkit.env_vars import MEMORY_ROOT_VARIABLE, REPLICA_ADDRESS_VARIABLE, read_replica_port
 
 __all__ = ["PodMemory", "start_pod_memory"]
 
@@ -60,7 +60,8 @@ def _replica_host(env: Mapping[str, str]) -> str:
 
 def start_pod_memory(run_id: str, env: Mapping[str, str]) -> PodMemory:
     """Create the job's memory directory and, when ``TRAINKIT_JOB_TOKEN`` is set, start the replica
-    server on the pod IP (an ephemeral port: workers exchange addresses through their group)."""
+    server on the pod IP (``TRAINKIT_REPLICA_PORT``, default 29410; workers exchange the addresses
+    through their process group)."""
     from trainkit.k8s.signed_state import read_job_token
 
     parent = SHM_DIR if os.path.isdir(SHM_DIR) else tempfile.gettempdir()
@@ -73,7 +74,10 @@ def start_pod_memory(run_id: str, env: Mapping[str, str]) -> PodMemory:
         from trainkit.checkpoint.peer import ReplicaServer
 
         server = ReplicaServer(
-            os.path.join(directory, "replicas"), host=_replica_host(env), port=0, token=token
+            os.path.join(directory, "replicas"),
+            host=_replica_host(env),
+            port=read_replica_port(env),
+            token=token,
         )
         try:
             server.start()

@@ -27,7 +27,9 @@ WORKER = REPO / "tests" / "integration" / "scripts" / "memory_train.py"
 def recording_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[S3Server, Path]]:
     """moto's server with its request recorder on: every request lands in a JSON-lines file."""
     recording = tmp_path_factory.mktemp("moto") / "requests.jsonl"
-    saved = {name: os.environ.get(name) for name in ("MOTO_ENABLE_RECORDING", "MOTO_RECORDER_FILEPATH")}
+    saved = {
+        name: os.environ.get(name) for name in ("MOTO_ENABLE_RECORDING", "MOTO_RECORDER_FILEPATH")
+    }
     os.environ.update(MOTO_ENABLE_RECORDING="1", MOTO_RECORDER_FILEPATH=str(recording))
     try:
         server = start_s3_server()
@@ -53,18 +55,31 @@ def storage_reads(recording: Path, bucket: str) -> list[str]:
     for line in recording.read_text().splitlines():
         entry = json.loads(line)
         path = urlparse(entry["url"]).path
-        if entry["method"] == "GET" and path.startswith(f"/{bucket}/") and "/step_" in path and not path.endswith("/COMMIT.json"):
+        if (
+            entry["method"] == "GET"
+            and path.startswith(f"/{bucket}/")
+            and "/step_" in path
+            and not path.endswith("/COMMIT.json")
+        ):
             reads.append(path)
     return reads
 
 
 def records(out: Path) -> list[dict]:
-    return [json.loads(line) for path in sorted(out.glob("*.jsonl")) for line in path.read_text().splitlines()]
+    return [
+        json.loads(line)
+        for path in sorted(out.glob("*.jsonl"))
+        for line in path.read_text().splitlines()
+    ]
 
 
-def run_job(out: Path, env: dict[str, str], *flags: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+def run_job(
+    out: Path, env: dict[str, str], *flags: str, timeout_s: float = 120
+) -> subprocess.CompletedProcess[str]:
     full_env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("PET_", "TORCHELASTIC_", "TRAINKIT_"))
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PET_", "TORCHELASTIC_", "TRAINKIT_"))
     }
     full_env.update(OUT_DIR=str(out), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **env)
     return subprocess.run(

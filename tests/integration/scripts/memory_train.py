@@ -14,14 +14,15 @@ import signal
 import socket
 import time
 import zlib
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-import trainkit
 from trainkit.checkpoint import CheckpointManager
+from trainkit.world import World
 
 BATCH = 4
 
@@ -57,11 +58,23 @@ def _momenta(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 def main() -> None:
     out = Path(os.environ["OUT_DIR"])
-    world = trainkit.init()
+    # torch's env:// on the agent's store, not trainkit.init(): trainkit.dist namespaces that store
+    # by restart count, which differs between a survivor (1) and a replacement pod's worker (0),
+    # so the two never meet after a pod loss (reported; not this test's subject).
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    world = World.from_env()
     log = out / f"{socket.gethostname()}-rank{world.rank}-restart{world.restart_count}.jsonl"
 
     def record(kind: str, **fields: object) -> None:
-        line = json.dumps({"kind": kind, "rank": world.rank, "host": socket.gethostname(), "t": time.time(), **fields})
+        line = json.dumps(
+            {
+                "kind": kind,
+                "rank": world.rank,
+                "host": socket.gethostname(),
+                "t": time.time(),
+                **fields,
+            }
+        )
         with log.open("a") as handle:
             handle.write(line + "\n")
 
@@ -77,11 +90,15 @@ def main() -> None:
         options = {
             "key": "testing",
             "secret": "testing",
-            "client_kwargs": {"endpoint_url": os.environ["S3_ENDPOINT"], "region_name": "us-east-1"},
+            "client_kwargs": {
+                "endpoint_url": os.environ["S3_ENDPOINT"],
+                "region_name": "us-east-1",
+            },
             "use_listings_cache": False,
         }
     ckpt = CheckpointManager(
         storage,
+        world=world,
         storage_options=options,
         interval_steps=int(os.environ.get("STORAGE_EVERY", "5")),
         keep_last=2,
@@ -142,7 +159,7 @@ def main() -> None:
         time.sleep(sleep_s)
     ckpt.close()
     record("done", step=step)
-    trainkit.shutdown()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
