@@ -58,10 +58,10 @@ def _replica_host(env: Mapping[str, str]) -> str:
     return "127.0.0.1"
 
 
-def start_pod_memory(run_id: str, env: Mapping[str, str]) -> PodMemory:
+def start_pod_memory(run_id: str, env: Mapping[str, str], *, port: int | None = None) -> PodMemory:
     """Create the job's memory directory and, when ``TRAINKIT_JOB_TOKEN`` is set, start the replica
     server on the pod IP (``TRAINKIT_REPLICA_PORT``, default 29410; workers exchange the addresses
-    through their process group)."""
+    through their process group; ``port`` 0 picks a free one)."""
     from trainkit.k8s.signed_state import read_job_token
 
     parent = SHM_DIR if os.path.isdir(SHM_DIR) else tempfile.gettempdir()
@@ -76,7 +76,7 @@ def start_pod_memory(run_id: str, env: Mapping[str, str]) -> PodMemory:
         server = ReplicaServer(
             os.path.join(directory, "replicas"),
             host=_replica_host(env),
-            port=read_replica_port(env),
+            port=read_replica_port(env) if port is None else port,
             token=token,
         )
         try:

@@ -1,6 +1,10 @@
-"""Memory-first checkpoints with real launchers, workers and an S3-compatible server that records
-every request: a worker-group restart resumes from pod memory without reading storage, the memory
-directory is removed at job end, and a job whose memory is gone falls back to storage with a warning.
+"""Memory-first checkpoints across namespace pods, each with a private /dev/shm (its own mount
+namespace and tmpfs), in one job: a worker-group restart reads each pod's own memory, a lost pod's
+replacement pulls its rank from the peer's replica, neither reads storage, the data position is
+exactly once, forged replica traffic is refused while training goes on, and when every memory copy
+is gone the job restores from storage with a warning.
+
+Storage is moto's S3 server in a pod of its own, recording every request it serves.
 """
 
 from __future__ import annotations
@@ -9,40 +13,62 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 
-from tests.fixtures.s3 import S3Server, start_s3_server
+from tests.integration.podnet import Pod, PodNet, netns_unavailable_reason, podnet
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.netns,
+    pytest.mark.timeout(240),
+    pytest.mark.skipif(
+        netns_unavailable_reason() is not None, reason=netns_unavailable_reason() or ""
+    ),
+]
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = REPO / "tests" / "integration" / "scripts" / "memory_train.py"
+JOB_TOKEN = "memory-job-token-0123456789abcdef"
+SHM_BYTES = 256 << 20
+CONF = "last_call_timeout=1,keep_alive_interval=1,keep_alive_max_attempt=3,join_timeout=60,store_grace=3"
 
-
-@pytest.fixture(scope="module")
-def recording_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[S3Server, Path]]:
-    """moto's server with its request recorder on: every request lands in a JSON-lines file."""
-    recording = tmp_path_factory.mktemp("moto") / "requests.jsonl"
-    saved = {
-        name: os.environ.get(name) for name in ("MOTO_ENABLE_RECORDING", "MOTO_RECORDER_FILEPATH")
-    }
-    os.environ.update(MOTO_ENABLE_RECORDING="1", MOTO_RECORDER_FILEPATH=str(recording))
+PROBE = """
+import json, socket, sys, tempfile, os
+from trainkit.checkpoint.peer import ReplicationError, list_snapshots, push_snapshot
+host, port = sys.argv[1].rsplit(":", 1)
+address = (host, int(port))
+results = {}
+with socket.create_connection(address, timeout=5) as sock:
+    sock.sendall(b"GET / HTTP/1.1\\r\\n\\r\\n" + os.urandom(4096))
+    sock.settimeout(5)
+    try:  # the server's greeting (its nonce) may come first; then it must hang up
+        while sock.recv(65536):
+            pass
+        results["garbage"] = "closed"
+    except ConnectionResetError:
+        results["garbage"] = "closed"
+    except OSError as error:
+        results["garbage"] = type(error).__name__
+directory = tempfile.mkdtemp()
+open(os.path.join(directory, "x"), "wb").write(b"forged")
+for name, call in (
+    ("push", lambda: push_snapshot(address, b"wrong-token-0123456789abcdef", owner="rank-1-of-2",
+                                   step=10**6, directory=directory, timeout_s=5)),
+    ("list", lambda: list_snapshots(address, b"wrong-token-0123456789abcdef", owner="rank-1-of-2",
+                                    timeout_s=5)),
+):
     try:
-        server = start_s3_server()
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-    try:
-        yield server, recording
-    finally:
-        server.stop()
+        call()
+        results[name] = "accepted"
+    except ReplicationError as error:
+        results[name] = "refused"
+print(json.dumps(results))
+"""
 
 
 def storage_reads(recording: Path, bucket: str) -> list[str]:
@@ -66,6 +92,7 @@ def storage_reads(recording: Path, bucket: str) -> list[str]:
 
 
 def records(out: Path) -> list[dict]:
+    """Every JSON line the workers wrote."""
     return [
         json.loads(line)
         for path in sorted(out.glob("*.jsonl"))
@@ -73,64 +100,193 @@ def records(out: Path) -> list[dict]:
     ]
 
 
-def run_job(
-    out: Path, env: dict[str, str], *flags: str, timeout_s: float = 120
-) -> subprocess.CompletedProcess[str]:
-    full_env = {
+def wait_until(
+    condition: Callable[[], bool], timeout_s: float, what: str, logs: list[Path]
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    tails = "\n".join(f"--- {log.name}\n{log.read_text()[-3000:]}" for log in logs if log.exists())
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}\n{tails}")
+
+
+def start_s3(pod: Pod, recording: Path, log: Path) -> str:
+    endpoint = f"http://{pod.ip}:5000"
+    pod.spawn(
+        [sys.executable, "-m", "moto.server", "-H", pod.ip, "-p", "5000"],
+        env={"MOTO_ENABLE_RECORDING": "1", "MOTO_RECORDER_FILEPATH": str(recording)},
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+    make_bucket = (
+        "import boto3, sys, time\n"
+        "for _ in range(150):\n"
+        "    try:\n"
+        "        boto3.client('s3', endpoint_url=sys.argv[1], aws_access_key_id='testing',\n"
+        "            aws_secret_access_key='testing', region_name='us-east-1').create_bucket(Bucket='ckpt')\n"
+        "        break\n"
+        "    except Exception:\n"
+        "        time.sleep(0.2)\n"
+    )
+    result = pod.run([sys.executable, "-c", make_bucket, endpoint], timeout=60)
+    assert result.returncode == 0, result.stderr
+    return endpoint
+
+
+def launch(pod: Pod, env: dict[str, str], log: Path) -> subprocess.Popen:
+    argv = [
+        sys.executable, "-m", "launchers.run", "--nnodes", "2:3", "--nproc-per-node", "1",
+        "--rdzv-backend", "k8s", "--rdzv-endpoint", "train:29400", "--rdzv-id", "mem1",
+        "--rdzv-conf", CONF, "--max-restarts", "5", "--monitor-interval", "0.2", str(WORKER),
+    ]  # fmt: skip
+    return pod.spawn(argv, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=REPO)
+
+
+def newest(found: list[dict], host: str, kind: str) -> dict | None:
+    matching = [r for r in found if r["host"] == host and r["kind"] == kind]
+    return matching[-1] if matching else None
+
+
+def restores_since(out: Path, since: float) -> dict[str, dict]:
+    """The newest restore record of each pod after ``since`` that loaded a step."""
+    found = [
+        r
+        for r in records(out)
+        if r["kind"] == "restore" and r["t"] > since and r["step"] is not None
+    ]
+    return {r["host"]: r for r in sorted(found, key=lambda r: r["t"])}
+
+
+def check_restored(out: Path, restores: dict[str, dict], tiers: dict[str, str]) -> int:
+    """Every pod restored the same step from the expected tier, with exactly the tensors and data
+    position its rank had at that step (read from the records written before the restore)."""
+    assert {host: r["tier"] for host, r in restores.items()} == tiers, restores
+    steps = {r["step"] for r in restores.values()}
+    assert len(steps) == 1, restores
+    step = steps.pop()
+    first_restore = min(r["t"] for r in restores.values())
+    saved = {
+        (r["rank"], r["step"]): r["digest"]
+        for r in sorted(records(out), key=lambda r: r["t"])
+        if r["kind"] == "step" and r["t"] < first_restore
+    }
+    for restore in restores.values():
+        assert restore["digest"] == saved[(restore["rank"], step)], restore
+        assert restore["samples"] == step * 4  # the data position of that step, exactly
+    return step
+
+
+def test_memory_tiers_across_worker_restart_pod_loss_and_lost_memory(
+    podnet: PodNet,
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    recording = tmp_path / "requests.jsonl"
+    s3_pod = podnet.add_pod("s3-0", subdomain=None, in_service=False)
+    endpoint = start_s3(s3_pod, recording, tmp_path / "s3.log")
+    stop = tmp_path / "STOP"
+    env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("PET_", "TORCHELASTIC_", "TRAINKIT_"))
     }
-    full_env.update(OUT_DIR=str(out), PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **env)
-    return subprocess.run(
-        [sys.executable, "-m", "launchers.run", "--standalone", "--nproc-per-node", "2",
-         "--monitor-interval", "0.2", *flags, str(WORKER)],
-        env=full_env, cwd=REPO, capture_output=True, text=True, timeout=timeout_s,
-    )  # fmt: skip
+    env.update(
+        OUT_DIR=str(out),
+        PYTHONPATH=str(REPO),
+        OMP_NUM_THREADS="1",
+        TRAINKIT_JOB_TOKEN=JOB_TOKEN,
+        STORAGE_URL="s3://ckpt/run",
+        S3_ENDPOINT=endpoint,
+        HIDDEN="256",
+        MEMORY_EVERY="2",
+        STORAGE_EVERY="10",
+        KILL_RANK="1",
+        KILL_STEP="9",  # rank 1 SIGKILLs itself at step 9 of its first attempt
+        STOP_FILE=str(stop),
+        STEP_SLEEP_S="0.05",
+    )
+    logs: list[Path] = []
+    processes: dict[str, subprocess.Popen] = {}
+    pods: dict[str, Pod] = {}
 
+    def start(name: str) -> None:
+        pods[name] = podnet.add_pod(name, shm_bytes=SHM_BYTES)
+        logs.append(tmp_path / f"{name}.log")
+        processes[name] = launch(pods[name], env, logs[-1])
 
-def test_worker_restart_resumes_from_memory_and_lost_memory_falls_back_to_storage(
-    recording_s3: tuple[S3Server, Path], tmp_path: Path
-) -> None:
-    server, recording = recording_s3
-    bucket = server.make_bucket()
-    env = {
-        "STORAGE_URL": f"s3://{bucket}/run",
-        "S3_ENDPOINT": server.endpoint_url,
-        "HIDDEN": "512",  # 1 MiB of weights + 1 MiB of momentum per snapshot
-        "MEMORY_EVERY": "2",
-        "STORAGE_EVERY": "5",
-        "MAX_STEPS": "10",
-        "KILL_RANK": "1",
-        "KILL_STEP": "8",  # SIGKILL right after the memory snapshot of step 8 started
-    }
-    out = tmp_path / "first"
-    out.mkdir()
-    job = run_job(out, env, "--max-restarts", "1")
-    assert job.returncode == 0, job.stderr[-4000:]
-    found = records(out)
-    saved = {(r["rank"], r["step"]): r["digest"] for r in found if r["kind"] == "step"}
-    restores = [r for r in found if r["kind"] == "restore" and r["restart"] == 1]
-    assert len(restores) == 2, job.stderr[-4000:]
-    # Storage committed step 5 only (step 10's save comes later); memory has 6, or 8 where both
-    # ranks committed it before the kill. Never a partial snapshot: the digests match.
-    assert {r["tier"] for r in restores} == {"memory"}
-    step = restores[0]["step"]
-    assert step in (6, 8) and {r["step"] for r in restores} == {step}
-    for restore in restores:
-        assert restore["digest"] == saved[(restore["rank"], step)]
-        assert restore["samples"] == step * 4  # the data position of that step, exactly
-    assert storage_reads(recording, bucket) == []
-    # The snapshots lived in the pod's memory directory, which trainkit-run removed at job end.
-    memory_roots = {Path(r["memory_root"]) for r in restores}
-    assert len(memory_roots) == 1 and not next(iter(memory_roots)).parent.exists()
+    def lose(name: str) -> None:
+        pods[name].kill()  # launcher, workers and the pod's private /dev/shm
+        podnet.unpublish(pods[name])
+        processes.pop(name).wait(timeout=10)
 
-    # A new job on the same storage: its pod memory is empty (removed at the end of the first).
-    out = tmp_path / "second"
-    out.mkdir()
-    job = run_job(out, {**env, "KILL_RANK": "-1", "MAX_STEPS": "11"}, "--max-restarts", "0")
-    assert job.returncode == 0, job.stderr[-4000:]
-    restores = [r for r in records(out) if r["kind"] == "restore"]
-    assert {(r["tier"], r["step"]) for r in restores} == {("storage", 10)}
-    assert "no step has a complete memory copy on every rank" in job.stderr
-    assert storage_reads(recording, bucket)  # this time storage was read
+    # 1. A worker is SIGKILLed: both worker groups restart and read their own pod's memory.
+    start("w-0")
+    start("w-1")
+    wait_until(lambda: set(restores_since(out, 0)) == {"w-0", "w-1"}, 120, "the restart", logs)
+    step = check_restored(out, restores_since(out, 0), {"w-0": "memory", "w-1": "memory"})
+    assert step in (6, 8)  # 8 unless the kill beat the write of its snapshot (then 6)
+
+    # 2. Garbage and a wrong token at w-0's replica server: refused; the job goes on.
+    address = restores_since(out, 0)["w-0"]["replica_address"]
+    probe = s3_pod.run([sys.executable, "-c", PROBE, address], env={"PYTHONPATH": str(REPO)})
+    assert probe.returncode == 0, probe.stderr
+    verdict = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert verdict == {"garbage": "closed", "push": "refused", "list": "refused"}, verdict
+
+    def replicated_past(step: int) -> bool:
+        last = newest(records(out), "w-1", "step")
+        return last is not None and (last["replicated"] or -1) > step
+
+    wait_until(lambda: replicated_past(14), 60, "w-1 replicating past step 14", logs)
+
+    # 3. Pod w-1 is lost; a replacement with an empty /dev/shm pulls rank 1 from w-0's replica.
+    lost_at = time.time()
+    lose("w-1")
+    start("w-2")
+    wait_until(
+        lambda: set(restores_since(out, lost_at)) == {"w-0", "w-2"}, 120, "the pod loss", logs
+    )
+    step = check_restored(out, restores_since(out, lost_at), {"w-0": "memory", "w-2": "peer"})
+    assert step > 14
+    # Exactly once: each rank goes on at the sample after the restored step.
+    wait_until(
+        lambda: any(
+            r["kind"] == "step" and r["t"] > lost_at and r["host"] == "w-2" for r in records(out)
+        ),
+        30,
+        "the replacement training",
+        logs,
+    )
+    resumed = [
+        r
+        for r in records(out)
+        if r["kind"] == "step" and r["t"] > lost_at and r["step"] == step + 1
+    ]
+    assert {r["first_sample"] for r in resumed} == {step * 4}
+    assert storage_reads(recording, "ckpt") == []  # memory and the peer only, so far
+
+    # 4. Both pods are lost, memory and replicas with them: storage, with a warning.
+    lost_at = time.time()
+    lose("w-0")
+    lose("w-2")
+    start("w-3")
+    start("w-4")
+    wait_until(
+        lambda: set(restores_since(out, lost_at)) == {"w-3", "w-4"},
+        120,
+        "the storage restore",
+        logs,
+    )
+    step = check_restored(out, restores_since(out, lost_at), {"w-3": "storage", "w-4": "storage"})
+    assert step % 10 == 0
+    assert storage_reads(recording, "ckpt")
+    stop.write_text("stop")
+    for name, process in processes.items():
+        assert process.wait(timeout=60) == 0, f"{name}: " + logs[-1].read_text()[-3000:]
+    assert (
+        "no step has a complete memory copy on every rank"
+        in logs[-2].read_text() + logs[-1].read_text()
+    )

@@ -138,6 +138,32 @@ def test_a_too_small_dev_shm_is_refused_naming_the_size_needed(
         lambda path: usage._replace(total=1000),
     )
     state = make_state(0)
-    with memory_manager(tmp_path / "storage", tmp_path / "shm", monkeypatch) as ckpt:
-        with pytest.raises(MemorySpaceError, match=r"need [\d.]+ KiB .*holds 1000 B.*sizeLimit"):
-            ckpt.restore(state)
+    with (
+        memory_manager(tmp_path / "storage", tmp_path / "shm", monkeypatch) as ckpt,
+        pytest.raises(MemorySpaceError, match=r"need [\d.]+ KiB .*holds 1000 B.*sizeLimit"),
+    ):
+        ckpt.restore(state)
+
+
+def test_trainkit_run_pod_memory_serves_replicas_and_is_removed_at_job_end() -> None:
+    from launchers.memory_tier import start_pod_memory
+    from trainkit.checkpoint.peer import list_snapshots
+
+    token = "pod-memory-token-0123456789abcdef"
+    env = {"TRAINKIT_JOB_TOKEN": token, "POD_IP": "127.0.0.1"}
+    memory = start_pod_memory("run/1", env, port=0)
+    try:
+        worker_env = memory.worker_env()
+        root = worker_env[MEMORY_ROOT_VARIABLE]
+        assert os.path.isdir(root) and os.path.basename(os.path.dirname(root)).startswith(
+            "trainkit-run_1-"
+        )
+        address = read_replica_address(worker_env)
+        assert address is not None and address[0] == "127.0.0.1"
+        assert list_snapshots(address, token.encode(), owner="rank-0-of-2") == []
+    finally:
+        memory.close()
+    assert not os.path.exists(os.path.dirname(root))
+    plain = start_pod_memory("run2", {})
+    assert plain.server is None and "TRAINKIT_REPLICA_ADDRESS" not in plain.worker_env()
+    plain.close()
