@@ -132,12 +132,13 @@ class MemoryCheckpoints:
 
     def snapshot(self, step: int, global_state: dict[str, Any], rank_bytes: bytes) -> bool:
         """Start the memory snapshot of ``step``; the copy is the only blocking work."""
+        num_bytes = state_bytes(global_state) + len(rank_bytes)
         if not self._space_checked:
-            self.check_space(state_bytes(global_state) + len(rank_bytes))
+            self.check_space(num_bytes)
         started = time.monotonic()
         started_write = self.tier.snapshot(step, global_state, rank_bytes)
         if started_write:
-            _observe("memory_snapshot", 0, time.monotonic() - started)
+            _observe(TIER_MEMORY, "save", num_bytes, time.monotonic() - started)
         return started_write
 
     def check_space(self, rank_bytes: int) -> None:
@@ -207,7 +208,7 @@ class MemoryCheckpoints:
         step = restore_from_storage(state)
         if step is not None:
             self.last_restore = {"tier": TIER_STORAGE, "step": step}
-            _observe("restore_" + TIER_STORAGE, 0, time.monotonic() - started)
+            _observe(TIER_STORAGE, "restore", 0, time.monotonic() - started)
         self.tier.discard_newer_than(step)
         return step
 
@@ -241,7 +242,7 @@ class MemoryCheckpoints:
             return None
         seconds = time.monotonic() - started
         self.last_restore = {"tier": tier, "step": step, "bytes": num_bytes, "seconds": seconds}
-        _observe("restore_" + tier, num_bytes, seconds)
+        _observe(tier, "restore", num_bytes, seconds)
         logger.info(
             "trainkit: restored step %d from %s (%d bytes in %.3f s)",
             step,
@@ -261,7 +262,7 @@ class MemoryCheckpoints:
         num_bytes = fetch_snapshot(
             address, self.token, owner=self.owner, step=step, dest=destination
         )
-        _observe("fetch_" + TIER_PEER, num_bytes, time.monotonic() - started)
+        _observe(TIER_PEER, "fetch", num_bytes, time.monotonic() - started)
 
     def _warn_fallback(self, reason: str) -> None:
         if not self.world.is_main:
@@ -271,13 +272,13 @@ class MemoryCheckpoints:
         logger.warning(message)
 
 
-def _observe(kind: str, num_bytes: int, seconds: float) -> None:
+def _observe(tier: str, operation: str, num_bytes: int, seconds: float) -> None:
     try:
         from trainkit.metrics import observe_checkpoint_tier
     except ImportError:
         return
     try:
-        observe_checkpoint_tier(kind, num_bytes=num_bytes, seconds=seconds)
+        observe_checkpoint_tier(tier, operation, num_bytes=num_bytes, seconds=seconds)
     except Exception:
         logger.exception("trainkit: recording checkpoint tier metrics failed")
 

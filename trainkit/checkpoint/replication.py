@@ -174,7 +174,7 @@ def _observe_replication(num_bytes: int, seconds: float, lag_steps: int | None) 
         return
     try:
         observe_checkpoint_tier(
-            "replicate", num_bytes=num_bytes, seconds=seconds, lag_steps=lag_steps
+            "peer", "save", num_bytes=num_bytes, seconds=seconds, lag_steps=lag_steps
         )
     except Exception:
         logger.exception("trainkit: recording replication metrics failed")
