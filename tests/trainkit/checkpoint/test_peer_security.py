@@ -23,6 +23,7 @@ from trainkit.checkpoint.peer import (
     push_snapshot,
 )
 from trainkit.checkpoint.peer.protocol import CONTROL, MAGIC, PREFIX, Channel
+from trainkit.checkpoint.peer.throttle import TokenBucket
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -264,13 +265,22 @@ def test_a_truncated_stream_leaves_nothing_visible(
 
 
 class RecordingProxy:
-    """Forwards one connection to ``upstream``, recording (and optionally altering) what the client sent."""
+    """Forwards one connection to ``upstream``, recording (and optionally altering) what the client
+    sent; ``downstream_rate_bytes_per_s`` makes the link back to the client slow."""
 
     def __init__(
-        self, upstream: tuple[str, int], alter: Callable[[int, bytes], bytes] | None = None
+        self,
+        upstream: tuple[str, int],
+        alter: Callable[[int, bytes], bytes] | None = None,
+        downstream_rate_bytes_per_s: float | None = None,
     ):
         self.upstream = upstream
         self.alter = alter
+        self.bucket = (
+            TokenBucket(downstream_rate_bytes_per_s, burst_bytes=16384)
+            if downstream_rate_bytes_per_s
+            else None
+        )
         self.client_bytes = bytearray()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = self.listener.getsockname()
@@ -283,7 +293,9 @@ class RecordingProxy:
 
         def pump(source: socket.socket, sink: socket.socket, record: bool) -> None:
             try:
-                while data := source.recv(65536):
+                while data := source.recv(16384 if self.bucket else 65536):
+                    if not record and self.bucket is not None:
+                        self.bucket.consume(len(data))
                     if record:
                         if self.alter is not None:
                             data = self.alter(len(self.client_bytes), data)
@@ -326,10 +338,10 @@ def test_a_recorded_session_replayed_to_a_server_is_refused(
 def test_bytes_altered_in_flight_are_refused(
     server: ReplicaServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    snapshot = make_snapshot(tmp_path / "snap", 5, {"a": 300_000})
+    snapshot = make_snapshot(tmp_path / "snap", 5, {"a": 9 << 20})
 
     def flip_one_byte(offset: int, data: bytes) -> bytes:
-        target = 150_000 - offset  # inside the file's bytes, past the handshake and request
+        target = (6 << 20) - offset  # in the second of three data frames, with others in flight
         if 0 <= target < len(data):
             data = data[:target] + bytes([data[target] ^ 1]) + data[target + 1 :]
         return data

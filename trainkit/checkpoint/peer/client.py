@@ -23,6 +23,7 @@ from trainkit.checkpoint.peer.layout import (
     remove_tree,
 )
 from trainkit.checkpoint.peer.protocol import (
+    MAX_DATA_BYTES,
     Channel,
     ProtocolError,
     ReplicaRefusedError,
@@ -36,6 +37,8 @@ from trainkit.k8s.signed_state import read_job_token
 __all__ = ["fetch_snapshot", "list_snapshots", "push_snapshot", "token_from_env"]
 
 Address = tuple[str, int]
+
+_MIN_THROTTLED_CHUNK_BYTES = 64 << 10
 
 
 def token_from_env(env: Mapping[str, str] = os.environ) -> bytes | None:
@@ -96,7 +99,12 @@ def push_snapshot(
         raise ValueError(f"snapshot directory {directory!r} does not exist or is not a directory")
     files = list_snapshot_files(directory)
     total = sum(entry.size for entry in files)
-    bucket = TokenBucket(rate_bytes_per_s) if rate_bytes_per_s is not None else None
+    bucket = None
+    chunk_bytes = MAX_DATA_BYTES
+    if rate_bytes_per_s is not None:
+        bucket = TokenBucket(rate_bytes_per_s)
+        # Frames of at most a burst, so a throttled stream is smooth rather than 4 MiB at a time.
+        chunk_bytes = int(min(MAX_DATA_BYTES, max(_MIN_THROTTLED_CHUNK_BYTES, bucket.burst_bytes)))
     checksum = default_checksum()
     what = f"push of {owner} step {step} ({len(files)} files, {total} bytes)"
     with _session(address, token, timeout_s, what) as channel:
@@ -116,6 +124,7 @@ def push_snapshot(
             opener=lambda entry: open(os.path.join(directory, entry.path), "rb", buffering=0),  # noqa: SIM115
             checksum=checksum,
             bucket=bucket,
+            chunk_bytes=chunk_bytes,
         )
         channel.send_control({"op": "commit", "checksums": checksums})
         _answer(channel, address, what)

@@ -15,6 +15,7 @@ import json
 import secrets
 import socket
 import struct
+import threading
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -140,6 +141,7 @@ class Channel:
         self._peer_label = b"s" if role == "client" else b"c"
         self._role = role
         self._mac_base: Any = None
+        self._copy_lock = threading.Lock()
         self._sent = 0
         self._received = 0
         self._prefix = bytearray(PREFIX.size)
@@ -161,15 +163,26 @@ class Channel:
         self._mac_base = hmac.new(key, digestmod=hashlib.sha256)
 
     def _frame_mac(self, label: bytes, sequence: int, prefix: bytes, body: Any) -> bytes:
-        mac = self._mac_base.copy()
+        with self._copy_lock:  # the one shared object; each frame hashes its own copy
+            mac = self._mac_base.copy()
         mac.update(label + sequence.to_bytes(8, "big") + prefix)
         mac.update(body)
         return mac.digest()
 
     def _send(self, kind: int, body: Any) -> None:
-        prefix = PREFIX.pack(MAGIC, kind, len(body))
-        mac = self._frame_mac(self._own_label, self._sent, prefix, body)
+        self.send_sealed(*self.seal(kind, self.next_send_sequence(), body))
+
+    def next_send_sequence(self) -> int:
+        """Number the next frame to send; frames must then be sent in this order."""
         self._sent += 1
+        return self._sent - 1
+
+    def seal(self, kind: int, sequence: int, body: Any) -> tuple[bytes, Any, bytes]:
+        """``(prefix, body, mac)`` of frame number ``sequence``; safe to call from other threads."""
+        prefix = PREFIX.pack(MAGIC, kind, len(body))
+        return prefix, body, self._frame_mac(self._own_label, sequence, prefix, body)
+
+    def send_sealed(self, prefix: bytes, body: Any, mac: bytes) -> None:
         _send_all(self.sock, [prefix, body, mac])
 
     def send_control(self, message: dict[str, Any]) -> None:
@@ -211,10 +224,11 @@ class Channel:
             )
         return kind, length
 
-    def _read_frame(
+    def read_unverified(
         self, expected: int, limit: int, buffer: memoryview | None = None
-    ) -> memoryview:
-        """One frame of kind ``expected`` and at most ``limit`` bytes, its MAC checked; the body."""
+    ) -> tuple[int, bytes, memoryview, bytes]:
+        """The next frame of kind ``expected`` (at most ``limit`` bytes) as ``(sequence, prefix,
+        body, mac)``; nothing in it may be used before ``verify`` accepted it."""
         kind, length = self._read_prefix()
         if kind == DENIED:
             raise AuthenticationError(
@@ -225,16 +239,29 @@ class Channel:
             raise ProtocolError(f"expected a frame of kind {expected}, got kind {kind}")
         if length > limit:
             raise ProtocolError(f"frame of {length} bytes where at most {limit} were expected")
+        prefix = bytes(self._prefix)
         body = buffer[:length] if buffer is not None else memoryview(bytearray(length))
         self._read_exact(body)
-        self._read_exact(self._mac)
-        expected_mac = self._frame_mac(self._peer_label, self._received, bytes(self._prefix), body)
-        if not hmac.compare_digest(expected_mac, bytes(self._mac)):
+        mac = bytes(self._read_exact(self._mac))
+        self._received += 1
+        return self._received - 1, prefix, body, mac
+
+    def verify(self, sequence: int, prefix: bytes, body: Any, mac: bytes) -> None:
+        """AuthenticationError unless ``mac`` is the peer's MAC of frame number ``sequence``;
+        safe to call from other threads."""
+        expected = self._frame_mac(self._peer_label, sequence, prefix, body)
+        if not hmac.compare_digest(expected, mac):
             raise AuthenticationError(
                 "frame failed authentication (HMAC-SHA256 under the job token): the peer has a "
                 f"different {JOB_TOKEN_VARIABLE}, or the stream was altered or replayed"
             )
-        self._received += 1
+
+    def _read_frame(
+        self, expected: int, limit: int, buffer: memoryview | None = None
+    ) -> memoryview:
+        """One frame of kind ``expected`` and at most ``limit`` bytes, its MAC checked; the body."""
+        sequence, prefix, body, mac = self.read_unverified(expected, limit, buffer)
+        self.verify(sequence, prefix, body, mac)
         return body
 
     def receive_control(self) -> dict[str, Any]:
