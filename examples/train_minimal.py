@@ -66,6 +66,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--save-every", type=int, default=50, help="save a checkpoint every N steps"
     )
+    parser.add_argument(
+        "--memory-every",
+        type=int,
+        default=0,
+        help="also snapshot into pod memory (/dev/shm, replicated to a peer pod) every N steps; 0: off",
+    )
     return parser.parse_args()
 
 
@@ -117,7 +123,11 @@ def main() -> None:
     checkpoints = None
     start = 0
     if args.checkpoint_dir:
-        checkpoints = CheckpointManager(args.checkpoint_dir, interval_steps=args.save_every)
+        checkpoints = CheckpointManager(
+            args.checkpoint_dir,
+            interval_steps=args.save_every,
+            memory_interval_steps=args.memory_every or None,
+        )
         state = {"model": model, "optimizer": optimizer, "loader": loader}
         start = checkpoints.restore(state) or 0  # newest committed step; None on a fresh start
 

@@ -205,7 +205,7 @@ class PodCollector(Collector):
             ),
         ]
         for index, (tier, operation) in enumerate(TIER_OPERATIONS):
-            first = Field.TIER_OPERATIONS + 3 * index
+            first = Field.TIER_FIELDS + 3 * index
             for offset, family in enumerate(families):
                 family.add_metric(
                     [*self.labels.values(), tier, operation],

@@ -157,7 +157,7 @@ class Recorder:
         if not (num_bytes >= 0 and seconds >= 0):
             _refuse_increment("observe_checkpoint_tier", num_bytes=num_bytes, seconds=seconds)
         fields = self._fields
-        first = Field.TIER_OPERATIONS + 3 * index
+        first = Field.TIER_FIELDS + 3 * index
         fields[first] += 1
         fields[first + 1] += num_bytes
         fields[first + 2] += seconds
