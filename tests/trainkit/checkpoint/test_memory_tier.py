@@ -167,3 +167,40 @@ def test_trainkit_run_pod_memory_serves_replicas_and_is_removed_at_job_end() -> 
     plain = start_pod_memory("run2", {})
     assert plain.server is None and "TRAINKIT_REPLICA_ADDRESS" not in plain.worker_env()
     plain.close()
+
+
+def test_tier_metrics_count_restores_by_tier_and_the_replication_lag(tmp_path: Path) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from tests.trainkit.metrics.jobs import parse_exposition
+    from trainkit.metrics.collector import PodCollector
+    from trainkit.metrics.recorder import Recorder
+    from trainkit.world import World
+
+    def worker(local_rank: int) -> Recorder:
+        return Recorder(
+            tmp_path,
+            World(rank=local_rank, world_size=2, local_rank=local_rank, local_world_size=2),
+        )
+
+    first, second = worker(0), worker(1)
+    first.observe_checkpoint_tier("memory", "restore", num_bytes=1000, seconds=0.5)
+    second.observe_checkpoint_tier("peer", "restore", num_bytes=3000, seconds=1.5)
+    second.observe_checkpoint_tier("peer", "save", num_bytes=3000, seconds=1.0, lag_steps=4)
+    with pytest.raises(ValueError, match="unknown tier/operation disk/restore"):
+        first.observe_checkpoint_tier("disk", "restore", num_bytes=1, seconds=1)
+    registry = CollectorRegistry()
+    registry.register(PodCollector(tmp_path, job_start_unix_s=0.0))
+    samples = parse_exposition(generate_latest(registry).decode())
+
+    def series(name: str, tier: str, operation: str) -> float:
+        return samples[f'{name}{{operation="{operation}",tier="{tier}"}}']
+
+    assert series("trainkit_checkpoint_tier_operations_total", "memory", "restore") == 1
+    assert series("trainkit_checkpoint_tier_operations_total", "peer", "restore") == 1
+    assert series("trainkit_checkpoint_tier_operations_total", "storage", "restore") == 0
+    assert series("trainkit_checkpoint_tier_bytes_total", "peer", "restore") == 3000
+    assert series("trainkit_checkpoint_tier_seconds_total", "peer", "save") == 1.0
+    assert samples["trainkit_checkpoint_replication_lag_steps"] == 4
+    first.close()
+    second.close()
