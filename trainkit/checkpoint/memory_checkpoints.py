@@ -29,7 +29,13 @@ from trainkit.checkpoint.tiers import (
     RestoreChoice,
     choose_restore,
 )
-from trainkit.env_vars import MEMORY_ROOT_VARIABLE, read_memory_root, read_replica_address
+from trainkit.env_vars import (
+    MEMORY_ROOT_VARIABLE,
+    REPLICA_ADDRESS_VARIABLE,
+    read_memory_root,
+    read_replica_address,
+)
+from trainkit.k8s.signed_state import JOB_TOKEN_VARIABLE
 
 __all__ = ["MemoryCheckpoints", "resolve_memory_root"]
 
@@ -91,7 +97,8 @@ class MemoryCheckpoints:
         if replicate is True and target is None:
             raise ValueError(
                 "replicate=True needs a replica server on at least two nodes (trainkit-run starts one "
-                "per pod when TRAINKIT_JOB_TOKEN is set); pass replicate='auto' to replicate when possible"
+                f"per pod when {JOB_TOKEN_VARIABLE} is set); pass replicate='auto' to replicate when "
+                "possible"
             )
         self.replicator: Replicator | None = None
         if replicate and target is not None and self.token is not None:
@@ -117,8 +124,8 @@ class MemoryCheckpoints:
         own = read_replica_address(env) if token is not None else None
         if replicate is True and own is None:
             raise ValueError(
-                "replicate=True: this worker has no replica server (TRAINKIT_REPLICA_ADDRESS and "
-                "TRAINKIT_JOB_TOKEN unset); start it with trainkit-run and set TRAINKIT_JOB_TOKEN "
+                f"replicate=True: this worker has no replica server ({REPLICA_ADDRESS_VARIABLE} and "
+                f"{JOB_TOKEN_VARIABLE} unset); start it with trainkit-run and set {JOB_TOKEN_VARIABLE} "
                 "from a Secret, or pass replicate='auto'"
             )
         gathered = _gather_on_agree_group(self.groups, (self.world.node_rank, own))
