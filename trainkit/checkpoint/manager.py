@@ -150,6 +150,7 @@ class CheckpointManager:
             else MemoryCheckpoints(
                 world=self.world,
                 groups=self._groups,
+                storage_url=self.store.url,
                 interval_steps=memory_interval_steps,
                 keep=memory_keep,
                 replicate=replicate,

@@ -67,6 +67,7 @@ class MemoryCheckpoints:
         *,
         world: Any,
         groups: Any,
+        storage_url: str,
         interval_steps: int,
         keep: int,
         replicate: bool | str,
@@ -84,7 +85,7 @@ class MemoryCheckpoints:
         self.world = world
         self.groups = groups
         self.interval_steps = interval_steps
-        self.owner = owner_name(world.rank, world.world_size)
+        self.owner = owner_name(world.rank, world.world_size, storage_url)
         self.tier = MemoryTier(
             resolve_memory_root(env, world.run_id),
             owner=self.owner,

@@ -7,6 +7,7 @@ It never touches the storage root and never decides which tier a restore uses (s
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -44,12 +45,18 @@ class MemorySpaceError(CheckpointError):
     """The pod's /dev/shm cannot hold the memory tier's snapshots."""
 
 
-def owner_name(rank: int, world_size: int) -> str:
+def owner_name(rank: int, world_size: int, storage_url: str | None = None) -> str:
     """A rank's directory in the memory root and its name on a peer's replica server.
 
-    The world size is part of it: a snapshot of another world is never mistaken for this rank's.
+    The world size is part of it, so a snapshot of another world is never mistaken for this rank's,
+    and so is a digest of the storage root: two managers (or an old job's leftovers in /dev/shm)
+    with other roots never share snapshots.
     """
-    return f"rank-{rank}-of-{world_size}"
+    name = f"rank-{rank}-of-{world_size}"
+    if storage_url is None:
+        return name
+    digest = hashlib.sha256(storage_url.rstrip("/").encode()).hexdigest()[:12]
+    return f"{name}.{digest}"
 
 
 def state_bytes(tree: Any) -> int:

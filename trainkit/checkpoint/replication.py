@@ -119,11 +119,13 @@ class Replicator:
                 self._wake.wait(remaining)
         return True
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 10.0) -> None:
+        """Stop after the push in progress, waiting at most ``timeout_s`` for it (a preempted pod's
+        grace period is better spent elsewhere; a replica cut short stays invisible)."""
         with self._wake:
             self._closed = True
             self._wake.notify_all()
-        self._thread.join()
+        self._thread.join(timeout_s)
 
     def _run(self) -> None:
         from trainkit.checkpoint.peer import ReplicationError, push_snapshot

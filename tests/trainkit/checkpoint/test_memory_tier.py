@@ -58,6 +58,9 @@ def test_sizing_counts_snapshots_being_written_and_replicas() -> None:
     assert memory_bytes_needed(100, num_local_ranks=2, keep=2, replicated=False) == 600
     assert memory_bytes_needed(100, num_local_ranks=2, keep=2, replicated=True) == 1200
     assert owner_name(3, 8) == "rank-3-of-8"
+    assert (
+        owner_name(3, 8, "s3://b/run/") == owner_name(3, 8, "s3://b/run") != owner_name(3, 8, "/x")
+    )
 
 
 def test_replica_address_is_host_and_port() -> None:
@@ -117,8 +120,10 @@ def test_a_partial_snapshot_is_invisible_and_losing_memory_falls_back_to_storage
         assert ckpt.restore(fresh) == 4 and ckpt.memory.last_restore["tier"] == "memory"
     assert_same_params(params(fresh), at_four)
 
-    for name in os.listdir(memory / owner_name(0, 1)):
-        (memory / owner_name(0, 1) / name / COMMIT_NAME).unlink(missing_ok=True)
+    owner_dir = Path(ckpt.memory.tier.directory)
+    assert owner_dir.name == owner_name(0, 1, str(storage))
+    for name in os.listdir(owner_dir):
+        (owner_dir / name / COMMIT_NAME).unlink(missing_ok=True)
     fresh = make_state(2)
     with memory_manager(storage, memory, monkeypatch) as ckpt:
         with pytest.warns(UserWarning, match="no step has a complete memory copy.*storage tier"):
