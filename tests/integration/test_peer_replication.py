@@ -38,9 +38,16 @@ time.sleep(600)
 """
 
 CLIENT = """
-import json, os, sys
-from trainkit.checkpoint.peer import fetch_snapshot, list_snapshots, push_snapshot, token_from_env
+import json, os, sys, time
+from trainkit.checkpoint.peer import (ReplicationError, fetch_snapshot, list_snapshots,
+                                      push_snapshot, token_from_env)
 address, token = (sys.argv[1], int(sys.argv[2])), token_from_env()
+for _ in range(600):  # started with the server: wait until it listens
+    try:
+        assert list_snapshots(address, token, owner="node-1") == []
+        break
+    except ReplicationError:
+        time.sleep(0.1)
 sent = push_snapshot(address, token, owner="node-1", step=30, directory=sys.argv[3])
 steps = list_snapshots(address, token, owner="node-1")
 got = fetch_snapshot(address, token, owner="node-1", step=30, dest=sys.argv[4])
@@ -52,10 +59,27 @@ def test_a_pod_replicates_to_its_peer_and_fetches_back(podnet: PodNet, tmp_path:
     holder, owner = podnet.add_pod("w-0"), podnet.add_pod("w-1")
     env = {"PYTHONPATH": str(REPO), "TRAINKIT_JOB_TOKEN": TOKEN.decode()}
     snapshot = make_snapshot(tmp_path / "snap", 7, {"model.bin": 3 << 20, "rank-1/state.json": 99})
+    dest = tmp_path / "restored"
     server = holder.spawn(
         [sys.executable, "-c", SERVER, str(tmp_path / "replicas")],
         env=env,
         stdout=subprocess.PIPE,
+        text=True,
+    )
+    # Both start at once (interpreter start-up dominates); the client waits for the server.
+    client = owner.spawn(
+        [
+            sys.executable,
+            "-c",
+            CLIENT,
+            holder.ip,
+            str(DEFAULT_REPLICA_PORT),
+            str(snapshot),
+            str(dest),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
     assert server.stdout is not None
@@ -63,11 +87,8 @@ def test_a_pod_replicates_to_its_peer_and_fetches_back(podnet: PodNet, tmp_path:
     assert (host, int(port)) == (holder.ip, DEFAULT_REPLICA_PORT)
     listening = {line.split()[3] for line in holder.run(["ss", "-Htln"]).stdout.splitlines()}
     assert listening == {f"{holder.ip}:{DEFAULT_REPLICA_PORT}"}  # the pod IP only, no wildcard
-
-    dest = tmp_path / "restored"
-    result = owner.run(
-        [sys.executable, "-c", CLIENT, host, port, str(snapshot), str(dest)], env=env, timeout=60
-    )
+    stdout, stderr = client.communicate(timeout=90)
+    result = subprocess.CompletedProcess(client.args, client.returncode, stdout, stderr)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     size = (3 << 20) + 99

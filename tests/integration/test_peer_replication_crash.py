@@ -1,10 +1,12 @@
 """SIGKILL during replication: of the pushing process, of the replica server, of a fetching process.
 No partial snapshot ever becomes visible, what was complete before stays whole, and the leftovers
-are cleaned by the next server start or the next fetch."""
+are cleaned by the next server start or the next fetch. And a peer whose volume fills up part way
+refuses with the reason and goes on serving."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,6 +20,7 @@ import pytest
 from tests.trainkit.checkpoint.test_peer import TOKEN, make_snapshot, tree
 from tests.trainkit.checkpoint.test_peer_security import RecordingProxy
 from trainkit.checkpoint.peer import (
+    ReplicaRefusedError,
     ReplicaServer,
     ReplicationError,
     fetch_snapshot,
@@ -173,3 +176,45 @@ def test_sigkill_of_a_fetch_leaves_nothing_at_its_destination(tmp_path: Path) ->
         assert list(dest.parent.iterdir()) == []  # the killed fetch's staging went as well
         fetch_snapshot(server.address, TOKEN, owner="rank-0", step=1, dest=str(dest))
         assert tree(dest) == tree(snapshot) and list(dest.parent.iterdir()) == [dest]
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare (mount ns)"
+)
+def test_a_peer_whose_volume_fills_refuses_with_the_reason_and_goes_on(tmp_path: Path) -> None:
+    root = tmp_path / "small"
+    root.mkdir()
+    # The server's own mount namespace with a 2 MiB tmpfs at its root, like a small /dev/shm.
+    mounted = f'mount -t tmpfs -o size=2m tmpfs {root} && exec {sys.executable} -c "$0" "$@"'
+    server = subprocess.Popen(
+        [
+            "unshare",
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            mounted,
+            SERVER,
+            str(root),
+            TOKEN.decode(),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        start_new_session=True,
+    )
+    try:
+        assert server.stdout is not None
+        address = ("127.0.0.1", int(server.stdout.readline()))
+        big = make_snapshot(tmp_path / "big", 1, {"model": 6 << 20})
+        with pytest.raises(
+            ReplicaRefusedError, match=r"could not store the snapshot: .*No space left"
+        ):
+            push_snapshot(address, TOKEN, owner="rank-0", step=1, directory=str(big))
+        assert list_snapshots(address, TOKEN, owner="rank-0") == []
+        small = make_snapshot(tmp_path / "small-snap", 2, {"model": 1 << 20})
+        push_snapshot(address, TOKEN, owner="rank-0", step=2, directory=str(small))
+        assert list_snapshots(address, TOKEN, owner="rank-0") == [2]
+    finally:
+        kill(server)

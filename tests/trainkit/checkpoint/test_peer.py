@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 from trainkit.checkpoint.peer import (
     DEFAULT_REPLICA_PORT,
@@ -193,8 +194,7 @@ class FakeClock:
 def test_token_bucket_holds_the_average_rate_with_bounded_bursts() -> None:
     clock = FakeClock()
     bucket = TokenBucket(1000.0, burst_bytes=100, clock=clock, sleep=clock.sleep)
-    assert bucket.consume(100) == 0.0  # the first burst is free
-    for _ in range(50):
+    for _ in range(50):  # it starts empty: from the first byte, never above the rate
         bucket.consume(40)
     assert clock.now == pytest.approx(50 * 40 / 1000)
     clock.now += 10.0  # idle: the bucket refills to its burst, not beyond
@@ -205,3 +205,26 @@ def test_token_bucket_holds_the_average_rate_with_bounded_bursts() -> None:
     assert clock.now - start == pytest.approx(5.0)
     with pytest.raises(ValueError, match="rate_bytes_per_s=0"):
         TokenBucket(0)
+
+
+@pytest.mark.parametrize("workload", ["elastic", "indexed-job", "jobset"])
+def test_the_deploy_network_policy_admits_the_replica_port_only_from_the_job(
+    workload: str,
+) -> None:
+    path = Path(__file__).resolve().parents[3] / "deploy/k8s/base" / workload / "networkpolicy.yaml"
+    workers = next(
+        doc
+        for doc in yaml.safe_load_all(path.read_text())
+        if doc["spec"]["podSelector"]["matchLabels"].get("app.kubernetes.io/component") == "worker"
+    )
+    admitting = [
+        rule
+        for rule in workers["spec"]["ingress"]
+        if not rule.get("ports")
+        or any(port.get("port") == DEFAULT_REPLICA_PORT for port in rule["ports"])
+    ]
+    assert admitting, f"{path}: nothing admits the replica port {DEFAULT_REPLICA_PORT}"
+    for rule in admitting:  # and only this job's pods
+        assert [set(source) for source in rule["from"]] == [{"podSelector"}], rule
+        labels = rule["from"][0]["podSelector"]["matchLabels"]
+        assert labels["app.kubernetes.io/instance"] == "trainkit-train"

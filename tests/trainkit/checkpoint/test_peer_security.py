@@ -372,3 +372,54 @@ def test_json_headers_are_never_more_than_data(server: ReplicaServer) -> None:
             channel._send(CONTROL, body)
             assert read_until_closed(channel.sock) == b""
     assert json.dumps(server.stats["refused"]) == "2"
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """True once the server closed ``sock`` (what it sent before is read and dropped)."""
+    while True:
+        try:
+            data = sock.recv(4096, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except ConnectionResetError:
+            return True
+        if not data:
+            return True
+
+
+def test_a_peer_that_trickles_bytes_cannot_hold_a_connection_slot(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    root = str(tmp_path / "replicas")
+    server = ReplicaServer(root, host="127.0.0.1", token=TOKEN, io_timeout_s=2.0, max_connections=1)
+    with server, socket.create_connection(server.address, timeout=10) as slow:
+        slow.settimeout(None)  # blocking, so that MSG_DONTWAIT polls instead of waiting
+        hello = PREFIX.pack(MAGIC, 0, 32) + os.urandom(32)  # a valid hello, one byte at a time
+        sent = 0
+        # Each byte comes well inside io_timeout_s; the deadline to authenticate ends it anyway.
+        while sent < len(hello) and not closed_by_server(slow):
+            with contextlib.suppress(OSError):
+                slow.sendall(hello[sent : sent + 1])
+            sent += 1
+            time.sleep(0.2)
+        assert sent < len(hello), "the trickling peer kept its slot for the whole hello"
+        wait_for(lambda: server.stats["refused"] == 1, "the slow peer refused")
+        assert any("did not authenticate within 2.0 s" in m for m in refusals(caplog))
+        assert_still_serving(server, tmp_path)
+
+
+def test_connections_over_the_limit_are_closed_at_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    root = str(tmp_path / "replicas")
+    server = ReplicaServer(root, host="127.0.0.1", token=TOKEN, max_connections=1)
+    with server, socket.create_connection(server.address, timeout=10) as idle:
+        idle.sendall(b"T")
+        with socket.create_connection(server.address, timeout=10) as second:
+            assert read_until_closed(second) == b""  # the one slot is taken: closed at once
+        assert any("maximum number of connections" in m for m in refusals(caplog))
+        idle.close()
+        wait_for(lambda: not server._connections, "the slot freed")
+        assert_still_serving(server, tmp_path)

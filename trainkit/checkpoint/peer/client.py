@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -31,7 +32,7 @@ from trainkit.checkpoint.peer.protocol import (
     default_checksum,
 )
 from trainkit.checkpoint.peer.throttle import TokenBucket
-from trainkit.checkpoint.peer.transfer import receive_files, send_files
+from trainkit.checkpoint.peer.transfer import PeerAnswered, receive_files, send_files
 from trainkit.k8s.signed_state import read_job_token
 
 __all__ = ["fetch_snapshot", "list_snapshots", "push_snapshot", "token_from_env"]
@@ -118,14 +119,25 @@ def push_snapshot(
             }
         )
         _answer(channel, address, what)
-        checksums = send_files(
-            channel,
-            files,
-            opener=lambda entry: open(os.path.join(directory, entry.path), "rb", buffering=0),  # noqa: SIM115
-            checksum=checksum,
-            bucket=bucket,
-            chunk_bytes=chunk_bytes,
-        )
+        try:
+            checksums = send_files(
+                channel,
+                files,
+                opener=lambda entry: open(os.path.join(directory, entry.path), "rb", buffering=0),  # noqa: SIM115
+                checksum=checksum,
+                bucket=bucket,
+                chunk_bytes=chunk_bytes,
+                peer_answered=lambda: bool(select.select([channel.sock], [], [], 0)[0]),
+            )
+        except (PeerAnswered, OSError) as stopped:
+            # The peer refused part way (e.g. its volume is full): its answer says why.
+            try:
+                _answer(channel, address, what)
+            except (ProtocolError, OSError):
+                if isinstance(stopped, OSError):
+                    raise stopped from None
+                raise
+            raise ReplicationError(address, f"{what}: the peer answered before the end") from None
         channel.send_control({"op": "commit", "checksums": checksums})
         _answer(channel, address, what)
     return total

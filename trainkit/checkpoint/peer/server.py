@@ -35,7 +35,7 @@ from trainkit.checkpoint.peer.protocol import (
     ProtocolError,
     new_checksum,
 )
-from trainkit.checkpoint.peer.transfer import receive_files, send_files
+from trainkit.checkpoint.peer.transfer import LocalWriteError, receive_files, send_files
 from trainkit.k8s.signed_state import MIN_TOKEN_BYTES
 
 __all__ = ["ReplicaServer"]
@@ -57,8 +57,9 @@ class ReplicaServer:
     token (at least 16 bytes). ``keep``: complete steps kept per owner (default 2); a push older than
     all of them is refused. ``max_bytes``: the most bytes stored at once, in-flight pushes included
     (None: no limit); to make room a push may first drop the owner's steps it would retire anyway.
-    ``io_timeout_s``: the longest any one receive or send may stall before the connection is
-    dropped; ``max_connections``: connections served at once (more are closed at once).
+    ``io_timeout_s``: the time a new connection has to authenticate its request, and then the
+    longest any one receive or send may stall before the connection is dropped;
+    ``max_connections``: connections served at once (more are closed at once).
     """
 
     def __init__(
@@ -219,11 +220,19 @@ class ReplicaServer:
     def _serve(self, connection: socket.socket, peer: tuple[str, int]) -> None:
         channel = Channel(connection, role="server")
         what = "connection"
+        expired = threading.Event()
         try:
             connection.settimeout(self.io_timeout_s)
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            channel.handshake(self._token)
-            request = channel.receive_control()
+            # Until it authenticates, a peer gets io_timeout_s in all (no trickling bytes to hold
+            # a connection slot); after that, each receive or send may stall that long.
+            watchdog = threading.Timer(self.io_timeout_s, _shut_down, args=(connection, expired))
+            watchdog.start()
+            try:
+                channel.handshake(self._token)
+                request = channel.receive_control()
+            finally:
+                watchdog.cancel()
             operation = request.get("op")
             handlers: dict[Any, Callable[[Channel, dict[str, Any]], str]] = {
                 "push": self._push,
@@ -238,15 +247,20 @@ class ReplicaServer:
             except (_Refusal, ValueError) as refusal:
                 self._refused(what, peer, refusal)
                 channel.send_control({"ok": False, "error": str(refusal)})
+                # Read until the peer hangs up: closing with its bytes unread would reset the
+                # connection and could destroy the answer before the peer reads it.
+                _drain(connection, self.io_timeout_s)
                 return
             logger.info("replica server: %s for %s:%d", done, *peer)
         except AuthenticationError as error:
             self._refused(what, peer, error)
             channel.send_denied()
-        except ProtocolError as error:
-            self._refused(what, peer, error)
-        except OSError as error:
-            if not self._closing.is_set():
+        except (ProtocolError, OSError) as error:
+            if expired.is_set():
+                self._refused(what, peer, f"did not authenticate within {self.io_timeout_s} s")
+            elif isinstance(error, ProtocolError):
+                self._refused(what, peer, error)
+            elif not self._closing.is_set():
                 self._refused(what, peer, f"connection failed: {error}")
         finally:
             connection.close()
@@ -287,11 +301,18 @@ class ReplicaServer:
         self._reserve(owner, step, total)
         staged = None
         try:
-            staged = tempfile.mkdtemp(
-                dir=os.path.join(self.root, INCOMING_DIR), prefix=f"{owner}-{step_dir_name(step)}-"
-            )
+            try:
+                staged = tempfile.mkdtemp(
+                    dir=os.path.join(self.root, INCOMING_DIR),
+                    prefix=f"{owner}-{step_dir_name(step)}-",
+                )
+            except OSError as error:
+                raise _Refusal(f"this peer could not store the snapshot: {error}") from None
             channel.send_control({"ok": True})
-            received = receive_files(channel, staged, files, checksum=checksum)
+            try:
+                received = receive_files(channel, staged, files, checksum=checksum)
+            except LocalWriteError as error:
+                raise _Refusal(f"this peer could not store the snapshot: {error}") from None
             self._count("bytes_received", total)
             commit = channel.receive_control()
             sent = commit.get("checksums")
@@ -308,9 +329,12 @@ class ReplicaServer:
                         f"received {ours!r}); push the step again"
                     )
             record = ReplicaRecord(owner, step, checksum, tuple(files), tuple(received))
-            write_record(staged, record)
             with self._lock:
-                commit_directory(staged, self.snapshot_path(owner, step))
+                try:
+                    write_record(staged, record)
+                    commit_directory(staged, self.snapshot_path(owner, step))
+                except OSError as error:
+                    raise _Refusal(f"this peer could not store the snapshot: {error}") from None
                 staged = None
                 self._reserved_bytes -= total
                 self._stored[owner, step] = total
@@ -392,3 +416,17 @@ class ReplicaServer:
     def _count(self, name: str, amount: int) -> None:
         with self._lock:
             self._stats[name] += amount
+
+
+def _shut_down(connection: socket.socket, expired: threading.Event) -> None:
+    expired.set()
+    with contextlib.suppress(OSError):
+        connection.shutdown(socket.SHUT_RDWR)
+
+
+def _drain(connection: socket.socket, timeout_s: float) -> None:
+    """Discard what the peer still sends until it closes (or stalls for ``timeout_s``)."""
+    connection.settimeout(timeout_s)
+    with contextlib.suppress(OSError):
+        while connection.recv(1 << 16):
+            pass

@@ -11,9 +11,9 @@ __all__ = ["TokenBucket"]
 class TokenBucket:
     """Allows ``rate_bytes_per_s`` on average with bursts of at most ``burst_bytes``.
 
-    ``consume(n)`` returns at once while tokens last and otherwise sleeps until the bucket would
-    have refilled ``n``; a request larger than the burst is let through into debt, so any chunk
-    size works and the long-run rate still holds.
+    The bucket starts empty and refills at the rate up to the burst. ``consume(n)`` returns at once
+    while tokens last and otherwise sleeps until the bucket would have refilled ``n``; a request
+    larger than the burst is let through into debt, so any chunk size works and the rate holds.
     """
 
     def __init__(
@@ -34,7 +34,8 @@ class TokenBucket:
         self.burst_bytes = float(burst_bytes if burst_bytes is not None else rate_bytes_per_s / 10)
         self._clock = clock
         self._sleep = sleep
-        self._tokens = self.burst_bytes
+        # Start empty: a transfer never exceeds the rate, even in its first tenth of a second.
+        self._tokens = 0.0
         self._last = clock()
 
     def consume(self, count: int) -> float:

@@ -24,7 +24,15 @@ from trainkit.checkpoint.peer.protocol import (
 )
 from trainkit.checkpoint.peer.throttle import TokenBucket
 
-__all__ = ["default_hash_threads", "receive_files", "send_files"]
+__all__ = ["LocalWriteError", "PeerAnswered", "default_hash_threads", "receive_files", "send_files"]
+
+
+class LocalWriteError(Exception):
+    """Writing a received file failed on this side (a full or read-only volume), not the peer."""
+
+
+class PeerAnswered(Exception):
+    """The receiver sent its answer while we were still sending: it refused part way."""
 
 
 def default_hash_threads() -> int:
@@ -75,10 +83,12 @@ def send_files(
     bucket: TokenBucket | None = None,
     chunk_bytes: int = MAX_DATA_BYTES,
     num_threads: int | None = None,
+    peer_answered: Callable[[], bool] = lambda: False,
 ) -> list[str]:
     """Send each file's bytes as data frames, in order; their checksums (hex).
 
     ``opener`` gives an unbuffered binary file for an entry; it is closed once sent.
+    ``peer_answered`` is asked before each frame; when it says yes, PeerAnswered stops the send.
     ValueError when a file is not the size announced (it changed while being sent).
     """
     chunk_bytes = min(chunk_bytes, MAX_DATA_BYTES)
@@ -92,6 +102,8 @@ def send_files(
             with file:
                 left = entry.size
                 while left:
+                    if peer_answered():
+                        raise PeerAnswered()
                     buffer = pipeline.buffer()
                     count = file.readinto(buffer[: min(left, chunk_bytes)])
                     if not count:
@@ -140,10 +152,14 @@ def receive_files(
     try:
         for entry in files:
             path = os.path.join(directory, entry.path)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
             running = new_checksum(checksum)
-            # O_EXCL | O_NOFOLLOW: the directory is ours and new, so nothing may exist here yet.
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                # O_EXCL | O_NOFOLLOW: the directory is ours and new, so nothing may exist yet.
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                descriptor = os.open(path, flags, 0o600)
+            except OSError as error:
+                raise LocalWriteError(f"creating {path}: {error}") from error
             offset = 0
             try:
                 while offset < entry.size:
@@ -181,6 +197,9 @@ def _verify_and_write(
 ) -> None:
     channel.verify(*frame)
     data = frame[2]
-    while data:
-        written = os.pwrite(descriptor, data, offset)
-        data, offset = data[written:], offset + written
+    try:
+        while data:
+            written = os.pwrite(descriptor, data, offset)
+            data, offset = data[written:], offset + written
+    except OSError as error:
+        raise LocalWriteError(f"writing {len(data)} bytes at offset {offset}: {error}") from error
