@@ -141,6 +141,35 @@ def training_time(
     return (time.perf_counter() - started) / len(steps)
 
 
+class PeerProcess:
+    """A replica server in a process of its own, as the peer pod's agent would run it."""
+
+    def __init__(self, root: Path) -> None:
+        code = (
+            "import sys, time\n"
+            "from trainkit.checkpoint.peer import ReplicaServer\n"
+            f"server = ReplicaServer({str(root)!r}, host='127.0.0.1', port=0, token={TOKEN!r})\n"
+            "server.start()\n"
+            "print(server.address[1], flush=True)\n"
+            "sys.stdin.read()\n"
+            "server.close()\n"
+        )
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self.process.stdout is not None
+        self.address = ("127.0.0.1", int(self.process.stdout.readline()))
+
+    def close(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
+
+
+def start_peer_process(root: Path) -> PeerProcess:
+    return PeerProcess(root)
+
+
 def start_moto() -> tuple[subprocess.Popen[bytes], dict[str, object]]:
     """moto's S3 server on loopback: an S3-compatible stand-in for object storage."""
     with socket.socket() as probe:
@@ -252,6 +281,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         # After a pod loss: pull the replica from the peer's server, then load it.
         server = ReplicaServer(str(shm / "replicas"), host="127.0.0.1", port=0, token=TOKEN)
         server.start()
+        peer = start_peer_process(shm / "peer")
         try:
             push_snapshot(
                 server.address, TOKEN, owner="rank-0-of-1", step=newest,
@@ -278,7 +308,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
                 on_commit=lambda step, directory: replicators[0].offer(step, directory),
             )  # fmt: skip
             replicator = Replicator(
-                server.address, TOKEN, owner="rank-0-of-1", rate_bytes_per_s=args.rate_mib_s * 2**20,
+                peer.address, TOKEN, owner="rank-0-of-1", rate_bytes_per_s=args.rate_mib_s * 2**20,
                 protect=tier_with_peer.protect,
             )  # fmt: skip
             replicators.append(replicator)
@@ -292,6 +322,7 @@ def run(args: argparse.Namespace) -> dict[str, object]:
             figures["training_slowdown"] = statistics.median(memory_s) / step_s
         finally:
             server.close()
+            peer.close()
     finally:
         shutil.rmtree(shm, ignore_errors=True)
         if not args.dir:
@@ -343,7 +374,15 @@ def main() -> None:
         help="storage interval to compare work lost with",
     )
     parser.add_argument("--dir", default="", help="storage directory (on the disk to measure)")
+    parser.add_argument(
+        "--train-threads",
+        type=int,
+        default=1,
+        help="torch threads of the training loop (default 1: the other cores are the host cores a "
+        "GPU job leaves to the snapshot writer)",
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.train_threads)
     result = run(args)
     print(
         f"state {result['state_bytes'] / 2**20:.0f} MiB, memcpy {result['memcpy_gib_s']:.2f} GiB/s, step {result['step_s'] * 1e3:.1f} ms"
