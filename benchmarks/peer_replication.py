@@ -248,10 +248,13 @@ def plot(rows: list[dict]) -> None:
         (0.0, "fetch_ratio", "fetch / raw TCP receive"),
         (width, "hmac_ratio", "1-core HMAC-SHA256 / raw TCP"),
     ):
-        axis.bar(
-            [i + offset for i in range(len(rows))], [row[key] for row in rows], width, label=name
-        )
+        values = [row[key] for row in rows]
+        positions = [i + offset for i in range(len(rows))]
+        axis.bar(positions, [min(value, 1.45) for value in values], width, label=name)
+        for position, value in zip(positions, values, strict=True):  # clipped bars keep their value
+            axis.text(position, min(value, 1.45) + 0.02, f"{value:.2f}", ha="center", fontsize=8)
     axis.axhline(0.8, color="grey", linestyle="--", linewidth=1, label="target 0.8")
+    axis.set_ylim(0, 1.6)
     axis.set_xticks(range(len(rows)), labels)
     axis.set_ylabel("throughput / baseline (same run)")
     axis.set_title(f"peer replicas between two namespace pods, {rows[0]['bytes'] >> 20} MiB")

@@ -218,3 +218,44 @@ def test_a_peer_whose_volume_fills_refuses_with_the_reason_and_goes_on(tmp_path:
         assert list_snapshots(address, TOKEN, owner="rank-0") == [2]
     finally:
         kill(server)
+
+
+FETCH_REPORTING = """
+import os, sys
+from trainkit.checkpoint.peer import ReplicationError, fetch_snapshot
+try:
+    fetch_snapshot((sys.argv[1], int(sys.argv[2])), sys.argv[4].encode(), owner="rank-0", step=1,
+                   dest=sys.argv[3])
+except ReplicationError as error:
+    print(f"refused: {error}")
+print(sorted(os.listdir(os.path.dirname(sys.argv[3]))))
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare (mount ns)"
+)
+def test_a_fetch_into_a_full_volume_fails_with_the_reason_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    snapshot = make_snapshot(tmp_path / "snap", 4, {"model": 6 << 20})
+    small = tmp_path / "small"
+    small.mkdir()
+    with ReplicaServer(str(tmp_path / "replicas"), host="127.0.0.1", token=TOKEN) as server:
+        push_snapshot(server.address, TOKEN, owner="rank-0", step=1, directory=str(snapshot))
+        mounted = f'mount -t tmpfs -o size=2m tmpfs {small} && exec {sys.executable} -c "$0" "$@"'
+        argv = [*map(str, server.address), small / "step-1", TOKEN.decode()]
+        result = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", mounted, FETCH_REPORTING]
+            + [str(arg) for arg in argv],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            timeout=60,
+        )
+    assert result.returncode == 0, result.stderr
+    refusal, listing = result.stdout.strip().splitlines()
+    assert (
+        "fetch of rank-0 step 1: writing it here failed" in refusal and "No space left" in refusal
+    )
+    assert listing == "[]"  # neither the destination nor the staging directory is left

@@ -4,6 +4,8 @@ fetching back committed-or-invisible, and the throttle's arithmetic."""
 from __future__ import annotations
 
 import os
+import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -19,8 +21,15 @@ from trainkit.checkpoint.peer import (
     push_snapshot,
     token_from_env,
 )
-from trainkit.checkpoint.peer.layout import RECORD_NAME, check_file_list, check_relative_path
+from trainkit.checkpoint.peer.layout import (
+    RECORD_NAME,
+    check_file_list,
+    check_relative_path,
+    list_snapshot_files,
+)
+from trainkit.checkpoint.peer.protocol import Channel
 from trainkit.checkpoint.peer.throttle import TokenBucket
+from trainkit.checkpoint.peer.transfer import receive_files, send_files
 from trainkit.env_vars import read_replica_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -228,3 +237,34 @@ def test_the_deploy_network_policy_admits_the_replica_port_only_from_the_job(
         assert [set(source) for source in rule["from"]] == [{"podSelector"}], rule
         labels = rule["from"][0]["podSelector"]["matchLabels"]
         assert labels["app.kubernetes.io/instance"] == "trainkit-train"
+
+
+def test_many_frames_in_flight_on_several_threads_arrive_in_order(tmp_path: Path) -> None:
+    snapshot = make_snapshot(tmp_path / "snap", 8, {"a": (3 << 20) + 17, "b/c": 70_000, "d": 0})
+    files = list_snapshot_files(str(snapshot))
+    left, right = socket.socketpair()
+    sender, receiver = Channel(left, role="client"), Channel(right, role="server")
+    results: dict[str, list[str]] = {}
+
+    def receive() -> None:
+        receiver.handshake(TOKEN)
+        results["received"] = receive_files(
+            receiver, str(tmp_path / "out"), files, checksum="crc32", num_threads=4
+        )
+
+    thread = threading.Thread(target=receive)
+    thread.start()
+    sender.handshake(TOKEN)
+    results["sent"] = send_files(
+        sender,
+        files,
+        opener=lambda entry: open(snapshot / entry.path, "rb", buffering=0),  # noqa: SIM115
+        checksum="crc32",
+        chunk_bytes=64 << 10,  # about 50 frames, up to 6 in flight
+        num_threads=4,
+    )
+    thread.join(timeout=30)
+    left.close()
+    right.close()
+    assert results["sent"] == results["received"]
+    assert tree(tmp_path / "out") == tree(snapshot)

@@ -19,6 +19,7 @@ from tests.trainkit.checkpoint.test_peer import TOKEN, make_snapshot, tree
 from trainkit.checkpoint.peer import (
     ReplicaServer,
     ReplicationError,
+    fetch_snapshot,
     list_snapshots,
     push_snapshot,
 )
@@ -423,3 +424,16 @@ def test_connections_over_the_limit_are_closed_at_once(
         idle.close()
         wait_for(lambda: not server._connections, "the slot freed")
         assert_still_serving(server, tmp_path)
+
+
+def test_a_stored_replica_cut_short_at_rest_is_not_served_and_the_server_goes_on(
+    server: ReplicaServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    snapshot = make_snapshot(tmp_path / "snap", 6, {"a": 6 << 20, "b": 10})
+    push_snapshot(server.address, TOKEN, owner="r0", step=1, directory=str(snapshot))
+    os.truncate(Path(server.snapshot_path("r0", 1)) / "a", 5 << 20)
+    with pytest.raises(ReplicationError, match="fetch of r0 step 1"):
+        fetch_snapshot(server.address, TOKEN, owner="r0", step=1, dest=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+    assert any("reading the stored replica failed" in m and "ended" in m for m in refusals(caplog))
+    assert_still_serving(server, tmp_path)

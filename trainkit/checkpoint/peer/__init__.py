@@ -17,9 +17,12 @@ moves such directories byte-exactly and never interprets their content. The API:
 
 The server stores ``root/<owner>/<step:012d>/`` (plus its record ``.trainkit-replica.json``),
 committed-or-invisible: received into ``root/.incoming`` (emptied at start), every file's size and
-checksum verified, then renamed into place; the newest ``keep`` steps per owner are kept; a push
-over ``max_bytes`` is refused. ``owner`` is a name such as ``rank-3`` or ``node-1`` (letters,
-digits, ``._-``). ``timeout_s`` bounds each stall, not the whole transfer.
+checksum verified, then renamed into place; the newest ``keep`` steps per owner are kept, a push
+of a step older than all of them is refused, and a push of a step already held replaces it whole.
+A push over ``max_bytes`` (in-flight pushes included; the owner's steps it would retire go first)
+or one this peer cannot store (a full volume) is refused with the reason. ``owner`` is a name such
+as ``rank-3`` or ``node-1`` (letters, digits, ``._-``). ``timeout_s`` bounds each stall, not the
+whole transfer; a throttled push (``rate_bytes_per_s``) never exceeds its rate on average.
 
 Wire format (``protocol``): TCP; each side sends a 32-byte random nonce; the session key is
 HMAC-SHA256(job token, both nonces); every frame is ``TKR1``, kind, length, body and

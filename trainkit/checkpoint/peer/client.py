@@ -32,7 +32,13 @@ from trainkit.checkpoint.peer.protocol import (
     default_checksum,
 )
 from trainkit.checkpoint.peer.throttle import TokenBucket
-from trainkit.checkpoint.peer.transfer import PeerAnswered, receive_files, send_files
+from trainkit.checkpoint.peer.transfer import (
+    LocalReadError,
+    LocalWriteError,
+    PeerAnswered,
+    receive_files,
+    send_files,
+)
 from trainkit.k8s.signed_state import read_job_token
 
 __all__ = ["fetch_snapshot", "list_snapshots", "push_snapshot", "token_from_env"]
@@ -60,19 +66,21 @@ def _session(address: Address, token: bytes, timeout_s: float, what: str) -> Ite
     except ReplicationError:
         raise
     except ProtocolError as error:
-        raise ReplicationError(address, f"{what}: {error}") from None
+        raise ReplicationError(f"{what}: {error}", address=address) from None
     except OSError as error:
         raise ReplicationError(
-            address,
             f"{what}: {error}; check that the peer's replica server runs on this address and that "
             "a NetworkPolicy lets this pod reach its port",
+            address=address,
         ) from None
 
 
 def _answer(channel: Channel, address: Address, what: str) -> dict[str, Any]:
     reply = channel.receive_control()
     if reply.get("ok") is not True:
-        raise ReplicaRefusedError(address, f"{what}: refused: {str(reply.get('error'))[:2000]}")
+        raise ReplicaRefusedError(
+            f"{what}: refused: {str(reply.get('error'))[:2000]}", address=address
+        )
     return reply
 
 
@@ -91,8 +99,9 @@ def push_snapshot(
     The peer makes it visible only once every file arrived whole and verified. ``rate_bytes_per_s``
     caps the average send rate (None: as fast as the link allows); ``timeout_s`` is the longest
     any one send or receive may stall. ValueError for a bad owner, step or directory;
-    ReplicaRefusedError when the peer declines (over its byte budget, older than what it keeps);
-    ReplicationError for anything else.
+    ReplicaRefusedError when the peer declines (over its byte budget, older than what it keeps,
+    its volume full); ReplicationError for anything else, including a snapshot file that vanished
+    or changed while being sent.
     """
     check_owner(owner)
     check_step(step)
@@ -129,6 +138,8 @@ def push_snapshot(
                 chunk_bytes=chunk_bytes,
                 peer_answered=lambda: bool(select.select([channel.sock], [], [], 0)[0]),
             )
+        except LocalReadError as error:
+            raise ReplicationError(f"{what}: {error}", address=address) from None
         except (PeerAnswered, OSError) as stopped:
             # The peer refused part way (e.g. its volume is full): its answer says why.
             try:
@@ -137,7 +148,9 @@ def push_snapshot(
                 if isinstance(stopped, OSError):
                     raise stopped from None
                 raise
-            raise ReplicationError(address, f"{what}: the peer answered before the end") from None
+            raise ReplicationError(
+                f"{what}: the peer answered before the end", address=address
+            ) from None
         channel.send_control({"op": "commit", "checksums": checksums})
         _answer(channel, address, what)
     return total
@@ -153,7 +166,7 @@ def list_snapshots(
         channel.send_control({"op": "list", "owner": owner})
         steps = _answer(channel, address, what).get("steps")
     if not isinstance(steps, list) or not all(isinstance(step, int) for step in steps):
-        raise ReplicationError(address, f"{what}: the answer is not a list of steps")
+        raise ReplicationError(f"{what}: the answer is not a list of steps", address=address)
     return sorted(steps)
 
 
@@ -170,7 +183,8 @@ def fetch_snapshot(
 
     ``dest`` must not exist; it appears (in one rename) only after every file's size and checksum
     matched the peer's record, so a failed or killed fetch leaves nothing at ``dest``.
-    ReplicaRefusedError when the peer has no such step; ReplicationError for anything else.
+    ReplicaRefusedError when the peer has no such step; ReplicationError for anything else
+    (including a full volume here); FileExistsError when ``dest`` exists.
     """
     check_owner(owner)
     check_step(step)
@@ -193,17 +207,26 @@ def fetch_snapshot(
                 expected = [str(f["checksum"]) for f in reply["files"]]
                 checksum = str(reply["checksum"])
             except (KeyError, TypeError, ValueError) as error:
-                raise ReplicationError(address, f"{what}: malformed file list: {error}") from None
-            received = receive_files(channel, staged, files, checksum=checksum)
+                raise ReplicationError(
+                    f"{what}: malformed file list: {error}", address=address
+                ) from None
+            try:
+                received = receive_files(channel, staged, files, checksum=checksum)
+            except LocalWriteError as error:
+                raise ReplicationError(
+                    f"{what}: writing it here failed (is {parent} full?): {error}", address=address
+                ) from None
             end = channel.receive_control()
             if end.get("op") != "end":
-                raise ReplicationError(address, f"{what}: the stream did not end as expected")
+                raise ReplicationError(
+                    f"{what}: the stream did not end as expected", address=address
+                )
         for entry, theirs, ours in zip(files, expected, received, strict=True):
             if theirs != ours:
                 raise ReplicationError(
-                    address,
                     f"{what}: file {entry.path!r}: checksum mismatch (peer's record {theirs}, "
                     f"received {ours}); the peer's copy is damaged, restore from another tier",
+                    address=address,
                 )
         commit_directory(staged, dest)
         staged = None

@@ -20,6 +20,7 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
+from trainkit.checkpoint.errors import CheckpointError
 from trainkit.k8s.signed_state import JOB_TOKEN_VARIABLE
 
 __all__ = [
@@ -49,10 +50,13 @@ MAX_DATA_BYTES = 4 << 20
 _KEY_LABEL = b"trainkit replica channel v1\0"
 
 
-class ReplicationError(RuntimeError):
-    """Replication to or from a peer failed; the message names the peer address and what failed."""
+class ReplicationError(CheckpointError, RuntimeError):
+    """Replication to or from a peer failed; the message names the peer address and what failed.
 
-    def __init__(self, address: tuple[str, int] | None, message: str) -> None:
+    A ``CheckpointError`` too, so it crosses process boundaries like every checkpoint error.
+    """
+
+    def __init__(self, message: str, address: tuple[str, int] | None = None) -> None:
         where = f"replica peer {address[0]}:{address[1]}: " if address else ""
         super().__init__(where + message)
         self.address = address

@@ -35,7 +35,12 @@ from trainkit.checkpoint.peer.protocol import (
     ProtocolError,
     new_checksum,
 )
-from trainkit.checkpoint.peer.transfer import LocalWriteError, receive_files, send_files
+from trainkit.checkpoint.peer.transfer import (
+    LocalReadError,
+    LocalWriteError,
+    receive_files,
+    send_files,
+)
 from trainkit.k8s.signed_state import MIN_TOKEN_BYTES
 
 __all__ = ["ReplicaServer"]
@@ -252,6 +257,8 @@ class ReplicaServer:
                 _drain(connection, self.io_timeout_s)
                 return
             logger.info("replica server: %s for %s:%d", done, *peer)
+        except LocalReadError as error:
+            self._refused(what, peer, f"reading the stored replica failed: {error}")
         except AuthenticationError as error:
             self._refused(what, peer, error)
             channel.send_denied()

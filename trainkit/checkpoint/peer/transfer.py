@@ -24,7 +24,18 @@ from trainkit.checkpoint.peer.protocol import (
 )
 from trainkit.checkpoint.peer.throttle import TokenBucket
 
-__all__ = ["LocalWriteError", "PeerAnswered", "default_hash_threads", "receive_files", "send_files"]
+__all__ = [
+    "LocalReadError",
+    "LocalWriteError",
+    "PeerAnswered",
+    "default_hash_threads",
+    "receive_files",
+    "send_files",
+]
+
+
+class LocalReadError(Exception):
+    """Reading a file to send failed on this side: it vanished or changed while being sent."""
 
 
 class LocalWriteError(Exception):
@@ -89,7 +100,7 @@ def send_files(
 
     ``opener`` gives an unbuffered binary file for an entry; it is closed once sent.
     ``peer_answered`` is asked before each frame; when it says yes, PeerAnswered stops the send.
-    ValueError when a file is not the size announced (it changed while being sent).
+    LocalReadError when a file cannot be read or is not the size announced (it changed).
     """
     chunk_bytes = min(chunk_bytes, MAX_DATA_BYTES)
     pipeline = _Pipeline(num_threads or default_hash_threads(), chunk_bytes)
@@ -97,7 +108,10 @@ def send_files(
     try:
         for entry in files:
             running = new_checksum(checksum)
-            file = opener(entry)
+            try:
+                file = opener(entry)
+            except OSError as error:
+                raise LocalReadError(f"opening {entry.path!r}: {error}") from error
             path = getattr(file, "name", entry.path)
             with file:
                 left = entry.size
@@ -105,9 +119,12 @@ def send_files(
                     if peer_answered():
                         raise PeerAnswered()
                     buffer = pipeline.buffer()
-                    count = file.readinto(buffer[: min(left, chunk_bytes)])
+                    try:
+                        count = file.readinto(buffer[: min(left, chunk_bytes)])
+                    except OSError as error:
+                        raise LocalReadError(f"reading {path}: {error}") from error
                     if not count:
-                        raise ValueError(
+                        raise LocalReadError(
                             f"snapshot file {path} ended {left} bytes before its announced "
                             f"{entry.size} bytes: it changed while being replicated"
                         )
@@ -123,7 +140,7 @@ def send_files(
                     )
                     left -= count
                 if file.read(1):
-                    raise ValueError(
+                    raise LocalReadError(
                         f"snapshot file {path} grew past {entry.size} bytes while being replicated"
                     )
             checksums.append(running.hexdigest())
