@@ -142,7 +142,7 @@ class MemoryTier:
         self.directory = os.path.join(memory_root, owner)
         os.makedirs(self.directory, exist_ok=True)
         self.root = CheckpointRoot(self.directory)
-        self._pool = BufferPool(num_buffers=2, block_bytes=8 << 20)
+        self._pool = BufferPool(num_buffers=3, block_bytes=8 << 20)  # its own: writers run at once
         self._staging = HostStaging()
         self._on_commit = on_commit
         self._writer = StepWriter(
