@@ -401,7 +401,12 @@ def main() -> None:
         f"vs {lost['storage_interval_steps']} steps ({lost['storage_lost_s']:.2f} s) with storage only"
     )
     RESULTS.mkdir(exist_ok=True)
-    meta = {"args": vars(args), "torch": torch.__version__, "cpus": os.cpu_count()}
+    # The storage directory is a path of the machine that ran it: only whether one was given.
+    meta = {
+        "args": {**vars(args), "dir": bool(args.dir)},
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+    }
     (RESULTS / "memory_checkpoint.json").write_text(json.dumps({"meta": meta, **result}, indent=2))
     print(f"wrote {RESULTS / 'memory_checkpoint.json'}")
 
