@@ -10,11 +10,17 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Mapping
 from typing import Any
 
-from trainkit.env_vars import MEMORY_ROOT_VARIABLE, REPLICA_ADDRESS_VARIABLE, read_replica_port
+from trainkit.env_vars import (
+    MEMORY_ROOT_VARIABLE,
+    REPLICA_ADDRESS_VARIABLE,
+    REPLICA_PORT_VARIABLE,
+    read_replica_port,
+)
 
 __all__ = ["PodMemory", "start_pod_memory"]
 
@@ -81,6 +87,18 @@ def start_pod_memory(run_id: str, env: Mapping[str, str], *, port: int | None = 
         )
         try:
             server.start()
+        except OSError as error:
+            chosen = port is not None or env.get(REPLICA_PORT_VARIABLE, "").strip() != ""
+            if chosen:
+                shutil.rmtree(directory, ignore_errors=True)
+                raise
+            # The implicit default taken (a second launcher in the pod): train without replicas.
+            print(
+                f"trainkit-run: peer replicas off: {error.strerror or error}",
+                file=sys.stderr,
+                flush=True,
+            )
+            server = None
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise

@@ -209,3 +209,18 @@ def test_tier_metrics_count_restores_by_tier_and_the_replication_lag(tmp_path: P
     assert samples["trainkit_checkpoint_replication_lag_steps"] == 4
     first.close()
     second.close()
+
+
+def test_a_replica_port_the_user_chose_that_is_taken_stops_trainkit_run() -> None:
+    import socket
+
+    from launchers.memory_tier import start_pod_memory
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        env = {
+            "TRAINKIT_JOB_TOKEN": "pod-memory-token-0123456789abcdef",
+            "POD_IP": "127.0.0.1",
+            "TRAINKIT_REPLICA_PORT": str(taken.getsockname()[1]),
+        }
+        with pytest.raises(OSError, match="in use"):
+            start_pod_memory("taken", env)
