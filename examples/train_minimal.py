@@ -86,6 +86,12 @@ def parse_args() -> argparse.Namespace:
         default=600,
         help="seconds a collective may hang (a peer cut off) before this rank fails",
     )
+    parser.add_argument(
+        "--memory-every",
+        type=int,
+        default=0,
+        help="also snapshot into pod memory (/dev/shm, replicated to a peer pod) every N steps; 0: off",
+    )
     return parser.parse_args()
 
 
@@ -163,7 +169,11 @@ def main() -> None:
     checkpoints = None
     start = 0
     if args.checkpoint_dir:
-        checkpoints = CheckpointManager(args.checkpoint_dir, interval_steps=args.save_every)
+        checkpoints = CheckpointManager(
+            args.checkpoint_dir,
+            interval_steps=args.save_every,
+            memory_interval_steps=args.memory_every or None,
+        )
         state = {"model": model, "optimizer": optimizer, "loader": loader}
         restore_started = time.time()
         start = checkpoints.restore(state) or 0  # newest committed step; None on a fresh start

@@ -281,6 +281,7 @@ def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None)
     from torch.distributed.run import determine_local_world_size
     from torch.distributed.run import run as torch_run
 
+    from launchers.memory_tier import start_pod_memory
     from launchers.restarts import install_restart_policy
     from launchers.standalone import use_standalone_rendezvous
     from trainkit.comms import CommsPlanError, apply_plan
@@ -329,6 +330,17 @@ def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None)
     if exporter is not None:
         os.environ.update(exporter.worker_env())
 
+    # Memory-first checkpoints: a /dev/shm directory that outlives worker restarts (removed when
+    # the job ends) and, with a job token, the peer-replica server on the pod IP.
+    try:
+        pod_memory = start_pod_memory(args.rdzv_id, env)
+    except (OSError, ValueError) as error:
+        print(f"trainkit-run: memory checkpoints: {error}", file=sys.stderr, flush=True)
+        if exporter is not None:
+            exporter.close()
+        return 2
+    os.environ.update(pod_memory.worker_env())
+
     # torch's shared agent store outlives a worker-group restart, so a script that calls
     # init_process_group itself can read the previous attempt's gloo addresses and fail or hang.
     # Without sharing, every rendezvous round hands workers a fresh store; an explicit value wins.
@@ -358,6 +370,7 @@ def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None)
         )
     finally:
         shutil.rmtree(status_dir, ignore_errors=True)
+        pod_memory.close()
         if exporter is not None:
             exporter.close()
 

@@ -12,6 +12,8 @@ import os
 import sys
 from collections.abc import Mapping
 
+from trainkit.doctor_shm import format_shm_section, shm_section
+
 __all__ = ["collect_report", "format_report", "register"]
 
 
@@ -90,6 +92,7 @@ def collect_report(
     if peers:
         report["identity"] = _identity_section(env, timeout_s)
     report["torch"] = _torch_section()
+    report["shm"] = shm_section(root)
     report["ok"] = ok
     return report
 
@@ -113,6 +116,9 @@ def format_report(report: Mapping[str, object]) -> str:
             else ", CUDA not available"
         )
         lines.append(f"== torch {torch_info['version']}{extra}")
+    shm = report.get("shm")
+    if isinstance(shm, Mapping):
+        lines.append(format_shm_section(shm))
     lines.append("== collectives plan")
     lines.append(str(report["plan_text"]))
     lines.append(

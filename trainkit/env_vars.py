@@ -15,10 +15,12 @@ __all__ = [
     "CLUSTER_DOMAIN_VARIABLE",
     "DEFAULT_RDZV_PORT",
     "DEFAULT_REPLICA_PORT",
+    "MEMORY_ROOT_VARIABLE",
     "NNODES_VARIABLE",
     "PODS_PER_JOB_VARIABLE",
     "RDZV_PORT_VARIABLE",
     "RDZV_STORE_VARIABLE",
+    "REPLICA_ADDRESS_VARIABLE",
     "REPLICA_PORT_VARIABLE",
     "REQUIRE_RDMA_VARIABLE",
     "RUN_ID_VARIABLE",
@@ -30,10 +32,12 @@ __all__ = [
     "parse_nnodes",
     "read_cluster_domain",
     "read_comms_applied",
+    "read_memory_root",
     "read_nnodes",
     "read_pods_per_job",
     "read_rdzv_port",
     "read_rdzv_store",
+    "read_replica_address",
     "read_replica_port",
     "read_require_rdma",
     "read_run_id",
@@ -63,6 +67,10 @@ WORKLOAD_VARIABLE = "TRAINKIT_WORKLOAD"
 PODS_PER_JOB_VARIABLE = "TRAINKIT_PODS_PER_JOB"
 #: Set to 1 to make a comms plan that falls back to TCP an error.
 REQUIRE_RDMA_VARIABLE = "TRAINKIT_REQUIRE_RDMA"
+#: The pod-local directory (under /dev/shm) holding memory-tier snapshots; trainkit-run sets it.
+MEMORY_ROOT_VARIABLE = "TRAINKIT_MEMORY_ROOT"
+#: ``host:port`` of this pod's peer-replica server (in the trainkit-run agent); trainkit-run sets it.
+REPLICA_ADDRESS_VARIABLE = "TRAINKIT_REPLICA_ADDRESS"
 #: Comma-separated names trainkit set in this environment (so re-applying knows they are its own).
 APPLIED_VARIABLE = "TRAINKIT_COMMS_APPLIED"
 
@@ -211,3 +219,22 @@ def read_require_rdma(env: Mapping[str, str]) -> bool:
 def read_comms_applied(env: Mapping[str, str]) -> set[str]:
     """``TRAINKIT_COMMS_APPLIED``: the variables an earlier ``apply_plan`` set in this environment."""
     return {name for name in env.get(APPLIED_VARIABLE, "").split(",") if name}
+
+
+def read_memory_root(env: Mapping[str, str]) -> str | None:
+    """``TRAINKIT_MEMORY_ROOT``: where memory-tier snapshots live (a /dev/shm directory), or None."""
+    return _text(env, MEMORY_ROOT_VARIABLE)
+
+
+def read_replica_address(env: Mapping[str, str]) -> tuple[str, int] | None:
+    """``TRAINKIT_REPLICA_ADDRESS``: ``host:port`` of the pod's replica server, or None when unset."""
+    raw = _text(env, REPLICA_ADDRESS_VARIABLE)
+    if raw is None:
+        return None
+    host, _, port = raw.rpartition(":")
+    if not host or not _is_decimal(port) or not 0 < int(port) < 65536:
+        raise ValueError(
+            f"{REPLICA_ADDRESS_VARIABLE}={raw!r}: expected HOST:PORT (e.g. 10.0.0.5:29600); "
+            "trainkit-run sets it, unset it to replicate nothing"
+        )
+    return host.strip("[]"), int(port)

@@ -116,6 +116,7 @@ class Pod:
     subdomain: str | None
     in_service: bool
     processes: list[subprocess.Popen] = field(default_factory=list)
+    shm_bytes: int | None = None  # a private /dev/shm (tmpfs of this size) instead of the host's
 
     @property
     def fqdn(self) -> str:
@@ -134,17 +135,23 @@ class Pod:
         }
 
     def command(self, argv: Sequence[str]) -> list[str]:
-        """argv wrapped to run inside this pod: its netns, /etc/netns files and its own hostname."""
+        """argv wrapped to run inside this pod: its netns, /etc/netns files and its own hostname
+        (and, with ``shm_bytes``, its own mount namespace with an empty tmpfs at /dev/shm)."""
+        if self.shm_bytes is None:
+            unshare, setup = ["--uts"], 'hostname "$0"'
+        else:
+            unshare = ["--uts", "--mount", "--propagation", "private"]
+            setup = f'hostname "$0" && mount -t tmpfs -o size={self.shm_bytes} tmpfs /dev/shm'
         return [
             "ip",
             "netns",
             "exec",
             self.name,
             "unshare",
-            "--uts",
+            *unshare,
             "sh",
             "-c",
-            'hostname "$0" && exec "$@"',
+            f'{setup} && exec "$@"',
             self.hostname,
             *argv,
         ]
@@ -341,13 +348,21 @@ class PodNet:
         publish: bool = True,
         publish_after_s: float = 0.0,
         in_service: bool = True,
+        shm_bytes: int | None = None,
     ) -> Pod:
-        """A new pod with the next free address; ``subdomain=None`` models a pod without spec.subdomain."""
+        """A new pod with the next free address; ``subdomain=None`` models a pod without spec.subdomain;
+        ``shm_bytes`` gives each of its commands a private /dev/shm of that size (a pod's emptyDir)."""
         index = len(self.pods)
         name = f"tk{self.uid}-{index}"
         subdomain = self.service if subdomain == "" else subdomain
         pod = Pod(
-            self, name, hostname, self._address(FIRST_POD_HOST + index), subdomain, in_service
+            self,
+            name,
+            hostname,
+            self._address(FIRST_POD_HOST + index),
+            subdomain,
+            in_service,
+            shm_bytes=shm_bytes,
         )
         self.pods[name] = pod
         self._add_namespace(name, pod.ip, f"tkv{self.uid}{index}")

@@ -29,6 +29,7 @@ from trainkit.checkpoint.errors import (
 )
 from trainkit.checkpoint.groups import CheckpointGroups
 from trainkit.checkpoint.layout import rank_file_name, serialize_rank_state, split_state
+from trainkit.checkpoint.memory_checkpoints import MemoryCheckpoints
 from trainkit.checkpoint.preempted_exit import exit_preempted, track_open_manager, untrack_manager
 from trainkit.checkpoint.restore import Restorer
 from trainkit.checkpoint.retention import plan_retention
@@ -63,6 +64,12 @@ class CheckpointManager:
         signals: signals that request a preemption save (default SIGTERM); None installs no handler.
         capture_rng: save and restore torch/CUDA/numpy/Python RNG state per rank (default True).
         grace_period_s: seconds from SIGTERM to SIGKILL (default ``$TRAINKIT_GRACE_PERIOD_S``).
+        memory_interval_steps: also snapshot into pod memory (/dev/shm) every this many steps and at
+            every storage save (default None: no memory tier); see ``memory_checkpoints``.
+        memory_keep: memory snapshots kept per rank (default 2).
+        replicate: push each memory snapshot to the next pod's replica server: True, False, or
+            "auto" (default: when trainkit-run started a replica server on more than one pod).
+        replicate_bytes_per_s: throttle for that push (default None: unthrottled).
 
     ``state`` maps names to: ``nn.Module`` and optimizers (saved once through DCP, resharded on
     load), top-level tensors (global, like weights: replicated ranks write them once), and per-rank
@@ -86,6 +93,10 @@ class CheckpointManager:
         signals: Iterable[int] | None = (signal.SIGTERM,),
         capture_rng: bool = True,
         grace_period_s: float | None = None,
+        memory_interval_steps: int | None = None,
+        memory_keep: int = 2,
+        replicate: bool | str = "auto",
+        replicate_bytes_per_s: float | None = None,
     ) -> None:
         from trainkit.dist import current_world
         from trainkit.world import World
@@ -133,6 +144,20 @@ class CheckpointManager:
         self._last_save_s: float | None = None
         self._last_blocking_s: float | None = None
         self.last_save_time: float | None = None
+        self._memory = (
+            None
+            if memory_interval_steps is None
+            else MemoryCheckpoints(
+                world=self.world,
+                groups=self._groups,
+                storage_url=self.store.url,
+                interval_steps=memory_interval_steps,
+                keep=memory_keep,
+                replicate=replicate,
+                capture_rng=capture_rng,
+                rate_bytes_per_s=replicate_bytes_per_s,
+            )
+        )
         self._signal = PreemptionSignal(signals, timeout_s=self.grace_period_s)
         track_open_manager(self)
 
@@ -176,10 +201,23 @@ class CheckpointManager:
                 EXIT_PREEMPTED,
             )
             return True
-        if self.interval_steps is not None and step % self.interval_steps == 0:
+        storage_due = self.interval_steps is not None and step % self.interval_steps == 0
+        memory_due = self._memory is not None and (storage_due or self._memory.due(step))
+        if memory_due:
+            self._snapshot_to_memory(step, state)
+        if storage_due:
             self.save(step, state)
-            return True
-        return False
+        return storage_due or memory_due
+
+    @property
+    def memory(self) -> MemoryCheckpoints | None:
+        """The memory tier (None without ``memory_interval_steps``)."""
+        return self._memory
+
+    def _snapshot_to_memory(self, step: int, state: MutableMapping[str, Any]) -> None:
+        assert self._memory is not None
+        snapshot = self._capture(step, state, copy_tensors=False, started=time.monotonic())
+        self._memory.snapshot(step, snapshot.global_state, snapshot.rank_bytes)
 
     def save(self, step: int, state: MutableMapping[str, Any], *, block: bool = False) -> None:
         """Save ``state`` as ``step``; with ``async_save`` and not ``block``, return after the copy."""
@@ -232,6 +270,8 @@ class CheckpointManager:
             self.wait()
         finally:
             self._join_retention()
+            if self._memory is not None:
+                self._memory.close()
             self._signal.restore(stopping=self._should_stop)
             untrack_manager(self)
 
@@ -252,6 +292,12 @@ class CheckpointManager:
         is tried. A checkpoint that does not fit ``state`` raises ``CheckpointMismatchError``.
         """
         self.wait()
+        if self._memory is not None:
+            return self._memory.restore(
+                state,
+                storage_steps=self.committed_steps,
+                restore_from_storage=self._restorer.restore_newest,
+            )
         return self._restorer.restore_newest(state)
 
     # ----- preemption -------------------------------------------------------------------------

@@ -18,6 +18,7 @@ __all__ = [
     "METRICS_PORT_VARIABLE",
     "configure",
     "observe_checkpoint",
+    "observe_checkpoint_tier",
     "observe_data_wait",
     "reset",
     "step",
@@ -66,3 +67,22 @@ def observe_data_wait(seconds: float) -> None:
 def observe_checkpoint(blocking_s: float, total_s: float) -> None:
     """Record one checkpoint: time it blocked training and its total time (``CheckpointManager``)."""
     (_recorder or configure()).observe_checkpoint(blocking_s, total_s)
+
+
+def observe_checkpoint_tier(
+    tier: str,
+    operation: str,
+    *,
+    num_bytes: int,
+    seconds: float,
+    lag_steps: int | None = None,
+) -> None:
+    """Record one memory-first checkpoint operation (``CheckpointManager`` with memory tiers).
+
+    ``tier``/``operation``: ``memory``/``save`` (the blocking copy of a snapshot), ``peer``/``save``
+    (a push to the peer, ``lag_steps`` behind the newest snapshot), ``peer``/``fetch``, and
+    ``memory``, ``peer`` or ``storage``/``restore``.
+    """
+    (_recorder or configure()).observe_checkpoint_tier(
+        tier, operation, num_bytes=num_bytes, seconds=seconds, lag_steps=lag_steps
+    )

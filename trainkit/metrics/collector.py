@@ -28,6 +28,7 @@ from trainkit.metrics.gpu import GPU_LABELS, GpuReading, GpuSampler, gpu_label_v
 from trainkit.metrics.slots import (
     CHECKPOINT_BUCKETS_S,
     STEP_BUCKETS_S,
+    TIER_OPERATIONS,
     Field,
     SlotSnapshot,
     scan_slots,
@@ -45,6 +46,10 @@ METRIC_NAMES: tuple[str, ...] = (
     "trainkit_step_duration_seconds",
     "trainkit_checkpoint_blocking_seconds",
     "trainkit_checkpoint_duration_seconds",
+    "trainkit_checkpoint_tier_operations",
+    "trainkit_checkpoint_tier_bytes",
+    "trainkit_checkpoint_tier_seconds",
+    "trainkit_checkpoint_replication_lag_steps",
     "trainkit_loss",
     "trainkit_world_size",
     "trainkit_local_workers",
@@ -178,6 +183,48 @@ class PodCollector(Collector):
                 flush=True,
             )
 
+    def _tiers(self, slots: list[SlotSnapshot], live: list[SlotSnapshot]) -> Iterator[Metric]:
+        """Memory-first checkpoint tiers: operations, bytes and seconds by tier and operation."""
+        names = [*self.labels, "tier", "operation"]
+        families = [
+            CounterMetricFamily(
+                "trainkit_checkpoint_tier_operations",
+                "Checkpoint operations by tier (memory, peer, storage) and operation (save, "
+                "fetch, restore); restores say which tier each restore came from.",
+                labels=names,
+            ),
+            CounterMetricFamily(
+                "trainkit_checkpoint_tier_bytes",
+                "Bytes moved by checkpoint operations, by tier and operation.",
+                labels=names,
+            ),
+            CounterMetricFamily(
+                "trainkit_checkpoint_tier_seconds",
+                "Seconds spent in checkpoint operations, by tier and operation (memory saves: "
+                "the blocking copy only).",
+                labels=names,
+            ),
+        ]
+        for index, (tier, operation) in enumerate(TIER_OPERATIONS):
+            first = Field.TIER_FIELDS + 3 * index
+            for offset, family in enumerate(families):
+                family.add_metric(
+                    [*self.labels.values(), tier, operation],
+                    sum(slot[first + offset] for slot in slots),
+                )
+        yield from families
+        lag = GaugeMetricFamily(
+            "trainkit_checkpoint_replication_lag_steps",
+            "Steps between a worker's newest memory snapshot and its newest replica on the peer "
+            "pod, worst over live workers.",
+            labels=list(self.labels),
+        )
+        lag.add_metric(
+            list(self.labels.values()),
+            max((slot[Field.REPLICATION_LAG_STEPS] for slot in live), default=0.0),
+        )
+        yield lag
+
     def _training(self, slots: list[SlotSnapshot]) -> Iterator[Metric]:
         names, values = list(self.labels), list(self.labels.values())
         live = [slot for slot in slots if slot.alive]
@@ -249,6 +296,8 @@ class PodCollector(Collector):
                 sum_field=sum_field,
                 labels=self.labels,
             )
+
+        yield from self._tiers(slots, live)
 
         losses = [slot[Field.LOSS] for slot in live if not math.isnan(slot[Field.LOSS])]
         if losses:

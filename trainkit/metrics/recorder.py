@@ -23,7 +23,13 @@ from trainkit.metrics.settings import (
     METRICS_PORT_VARIABLE,
     parse_metrics_port,
 )
-from trainkit.metrics.slots import CHECKPOINT_BUCKETS_S, STEP_BUCKETS_S, Field, open_slot
+from trainkit.metrics.slots import (
+    CHECKPOINT_BUCKETS_S,
+    STEP_BUCKETS_S,
+    TIER_OPERATIONS,
+    Field,
+    open_slot,
+)
 from trainkit.world import World
 
 # Module constants rather than Field.X lookups: step() runs every training step.
@@ -138,6 +144,26 @@ class Recorder:
         fields[Field.CKPT_TOTAL_BUCKETS + _bisect_left(CHECKPOINT_BUCKETS_S, total_s)] += 1
         fields[_STALL_S] += blocking_s
 
+    def observe_checkpoint_tier(
+        self,
+        tier: str,
+        operation: str,
+        *,
+        num_bytes: int,
+        seconds: float,
+        lag_steps: int | None = None,
+    ) -> None:
+        index = _tier_operation_index(tier, operation)
+        if not (num_bytes >= 0 and seconds >= 0):
+            _refuse_increment("observe_checkpoint_tier", num_bytes=num_bytes, seconds=seconds)
+        fields = self._fields
+        first = Field.TIER_FIELDS + 3 * index
+        fields[first] += 1
+        fields[first + 1] += num_bytes
+        fields[first + 2] += seconds
+        if lag_steps is not None and lag_steps >= 0:
+            fields[Field.REPLICATION_LAG_STEPS] = lag_steps
+
     def close(self) -> None:
         """Unmap the slot; the file stays for the agent (and for this rank's next incarnation)."""
         fields, self._fields = self._fields, None  # type: ignore[assignment]
@@ -164,8 +190,31 @@ class DisabledRecorder:
         if not (blocking_s >= 0 and total_s >= 0):
             _refuse_increment("observe_checkpoint", blocking_s=blocking_s, total_s=total_s)
 
+    def observe_checkpoint_tier(
+        self,
+        tier: str,
+        operation: str,
+        *,
+        num_bytes: int,
+        seconds: float,
+        lag_steps: int | None = None,
+    ) -> None:
+        _tier_operation_index(tier, operation)
+        if not (num_bytes >= 0 and seconds >= 0):
+            _refuse_increment("observe_checkpoint_tier", num_bytes=num_bytes, seconds=seconds)
+
     def close(self) -> None:
         pass
+
+
+def _tier_operation_index(tier: str, operation: str) -> int:
+    try:
+        return TIER_OPERATIONS.index((tier, operation))
+    except ValueError:
+        known = ", ".join(f"{t}/{o}" for t, o in TIER_OPERATIONS)
+        raise ValueError(
+            f"observe_checkpoint_tier: unknown tier/operation {tier}/{operation} (known: {known})"
+        ) from None
 
 
 def recorder_from_env(env: Mapping[str, str] | None = None) -> Recorder | DisabledRecorder:

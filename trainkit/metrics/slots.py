@@ -22,6 +22,7 @@ __all__ = [
     "LAYOUT_VERSION",
     "SLOT_BYTES",
     "STEP_BUCKETS_S",
+    "TIER_OPERATIONS",
     "Field",
     "SlotScan",
     "SlotSnapshot",
@@ -69,6 +70,18 @@ CHECKPOINT_BUCKETS_S: tuple[float, ...] = (
 )
 
 
+#: (tier, operation) pairs of the memory-first checkpoint tiers, in slot order; each has a count,
+#: a bytes total and a seconds total.
+TIER_OPERATIONS: tuple[tuple[str, str], ...] = (
+    ("memory", "save"),
+    ("peer", "save"),
+    ("peer", "fetch"),
+    ("memory", "restore"),
+    ("peer", "restore"),
+    ("storage", "restore"),
+)
+
+
 class Field:
     """Index of each float64 in a slot. Histograms store per-bucket (not cumulative) counts."""
 
@@ -95,7 +108,9 @@ class Field:
     CKPT_TOTAL_SUM_S = CKPT_BLOCKING_BUCKETS + len(CHECKPOINT_BUCKETS_S) + 1
     CKPT_TOTAL_COUNT = CKPT_TOTAL_SUM_S + 1
     CKPT_TOTAL_BUCKETS = CKPT_TOTAL_COUNT + 1
-    END = CKPT_TOTAL_BUCKETS + len(CHECKPOINT_BUCKETS_S) + 1
+    REPLICATION_LAG_STEPS = CKPT_TOTAL_BUCKETS + len(CHECKPOINT_BUCKETS_S) + 1
+    TIER_FIELDS = REPLICATION_LAG_STEPS + 1  # count, bytes, seconds per TIER_OPERATIONS entry
+    END = TIER_FIELDS + 3 * len(TIER_OPERATIONS)
 
 
 SLOT_FIELDS = Field.END
