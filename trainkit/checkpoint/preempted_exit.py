@@ -6,10 +6,15 @@ It tracks open managers only through weak references, and never saves anything i
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
+import threading
 import weakref
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from trainkit.preemption import EXIT_PREEMPTED, read_grace_period_s
 from trainkit.preemption import exit_preempted as record_and_exit_preempted
 
 if TYPE_CHECKING:
@@ -18,6 +23,11 @@ if TYPE_CHECKING:
 __all__ = ["exit_preempted", "track_open_manager", "untrack_manager"]
 
 logger = logging.getLogger(__name__)
+
+# How long leaving the process group may take before the process exits without it. A peer lost
+# after the agreed save (its pod deleted first) leaves the others' barrier waiting for the
+# collective timeout (10 minutes by default), far past the kubelet's SIGKILL: 137, not 75.
+LEAVE_TIMEOUT_S = 30.0
 
 _open_managers: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -48,5 +58,40 @@ def exit_preempted(*managers: CheckpointManager) -> NoReturn:
             # The preemption save itself committed (maybe_save blocks on it); a later background
             # error must not turn a clean, retriable exit into a crash.
             logger.exception("trainkit: closing a checkpoint manager before exiting failed")
-    shutdown()
+    timeout_s = leave_timeout_s()
+    if not _within(timeout_s, shutdown):
+        logger.warning(
+            "trainkit: leaving the process group took over %.0f s (a peer gone after the agreed "
+            "save?); exiting without it",
+            timeout_s,
+        )
+        with contextlib.suppress(SystemExit):
+            record_and_exit_preempted()  # writes the exit record, then raises SystemExit(75)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # the interpreter's teardown would wait on the stuck group: leave now, the record written
+        os._exit(EXIT_PREEMPTED)
     record_and_exit_preempted()
+
+
+def leave_timeout_s() -> float:
+    """``LEAVE_TIMEOUT_S``, or half the grace period when that is shorter (the rest is the save's)."""
+    grace_s = read_grace_period_s()
+    return LEAVE_TIMEOUT_S if grace_s is None else min(LEAVE_TIMEOUT_S, grace_s / 2)
+
+
+def _within(timeout_s: float, action: Any) -> bool:
+    """Run ``action`` in a daemon thread; whether it finished within ``timeout_s``. Its errors
+    are logged: after a committed preemption save nothing it raises changes the exit."""
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            action()
+        except Exception:
+            logger.exception("trainkit: leaving the process group failed")
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="trainkit-leave-group", daemon=True).start()
+    return done.wait(timeout_s)
