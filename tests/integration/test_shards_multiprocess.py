@@ -7,9 +7,8 @@ import textwrap
 
 import pytest
 
-from shards import write_shards
 from tests.integration.lockstep import resume_on_a_larger_world
-from tests.shards.synthetic import make_table
+from tests.shards.synthetic import write_table_dataset
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -36,12 +35,5 @@ WORKER = textwrap.dedent(
 
 def test_two_ranks_two_workers_then_three_ranks_deliver_each_sample_once(tmp_path):
     url = str(tmp_path / "data")
-    write_shards(
-        make_table(NUM_ROWS),
-        url,
-        format="arrow",
-        row_group_bytes=2048,
-        bytes_per_shard=16384,
-        progress=False,
-    )
+    write_table_dataset(url, NUM_ROWS)
     resume_on_a_larger_world(tmp_path, WORKER, url, stop=30, batch_size=BATCH, num_samples=NUM_ROWS)
