@@ -17,12 +17,38 @@ import torch
 from shards.errors import ShardsError
 from shards.plan import PlannedBatch
 
-__all__ = ["INDEX_KEY", "PADDING_KEY", "BatchAssembler"]
+__all__ = ["INDEX_KEY", "PADDING_KEY", "BatchAssembler", "add_flags", "flags_layout"]
 
 INDEX_KEY = "_index"  # global row ids (manifest order), with with_index=True
 PADDING_KEY = "_padding"  # True for repeated samples filling the last batches, with drop_last=False
 
 TensorLayout = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+def flags_layout(batch_size: int, *, with_index: bool, pad_flags: bool) -> TensorLayout:
+    """Shape and dtype of ``_index`` and ``_padding`` in a batch, those that are wanted."""
+    layout: TensorLayout = {}
+    if with_index:
+        layout[INDEX_KEY] = ((batch_size,), torch.int64)
+    if pad_flags:
+        layout[PADDING_KEY] = ((batch_size,), torch.bool)
+    return layout
+
+
+def add_flags(
+    result: MutableMapping[str, Any],
+    *,
+    index: np.ndarray | None,
+    padding: np.ndarray | None,
+    outputs: Mapping[str, np.ndarray] | None,
+) -> None:
+    """Adds ``_index`` and ``_padding`` (those not None, arrays the batch may own) to ``result``,
+    and writes them into ``outputs`` (shared slots) when given."""
+    for key, values in ((INDEX_KEY, index), (PADDING_KEY, padding)):
+        if values is not None:
+            result[key] = torch.from_numpy(values)
+            if outputs is not None:
+                outputs[key][...] = values
 
 
 @dataclass(frozen=True)
@@ -53,10 +79,9 @@ class BatchAssembler:
                 np.dtype(bool) if pa.types.is_boolean(type_) else np.dtype(type_.to_pandas_dtype())
             )
             layout[name] = (tuple(shape), torch.from_numpy(np.empty(0, dtype)).dtype)
-        if self.with_index:
-            layout[INDEX_KEY] = ((self.batch_size,), torch.int64)
-        if self.pad_flags:
-            layout[PADDING_KEY] = ((self.batch_size,), torch.bool)
+        layout.update(
+            flags_layout(self.batch_size, with_index=self.with_index, pad_flags=self.pad_flags)
+        )
         return layout
 
     def assemble(
@@ -100,14 +125,12 @@ class BatchAssembler:
                     else:  # mode="raise" would buffer the whole gather
                         np.take(view, src, axis=0, out=out[a:b], mode="clip")
                 result[name] = torch.from_numpy(out)
-        if self.with_index:
-            result[INDEX_KEY] = torch.from_numpy(self.rg_offsets[groups] + rows)
-        if self.pad_flags:
-            result[PADDING_KEY] = torch.from_numpy(planned.padding.copy())
-        if outputs is not None:
-            for key in (INDEX_KEY, PADDING_KEY):
-                if key in result:
-                    outputs[key][...] = result[key].numpy()
+        add_flags(
+            result,
+            index=self.rg_offsets[groups] + rows if self.with_index else None,
+            padding=planned.padding.copy() if self.pad_flags else None,
+            outputs=outputs,
+        )
         return result
 
     def _flags_need_a_mapping(self, result: Any) -> str:

@@ -7,36 +7,27 @@ the training loop consumed. This module imports torch; ``shards`` itself does no
 
 from __future__ import annotations
 
-import dataclasses
-import logging
-import os
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from torch.utils.data import IterableDataset, get_worker_info
 
 from shards.assemble import INDEX_KEY, PADDING_KEY, BatchAssembler
-from shards.at_exit import close_at_exit
-from shards.cache import ShardCache
+from shards.epoch_cursor import CursorIteration, EpochCursorDataset, cursor_state
 from shards.errors import ShardsError
 from shards.manifest import Manifest
 from shards.options import ReadOptions, WorldLike, check_world, default_world
 from shards.plan import (
-    Cursor,
     EpochOrder,
-    Split,
-    fresh_cursor,
     make_split,
     plan_worker_batches,
-    rebase_cursor,
 )
 from shards.reader import (
+    ProcessReader,
     RowGroupPrefetcher,
     ShardReader,
     column_to_numpy,
-    default_marks_dir,
     tensor_column_error,
 )
 from shards.storage import resolve_location
@@ -49,12 +40,10 @@ __all__ = [
     "default_world",
 ]
 
-logger = logging.getLogger("shards")
-
 STATE_VERSION = 1
 
 
-class ShardedDataset(IterableDataset):
+class ShardedDataset(EpochCursorDataset):
     """This rank's batches (dicts of tensors) of the dataset at ``url`` (any fsspec URL).
 
     Every rank gets the same number of batches (``len()``); each sample of an epoch is delivered once
@@ -124,93 +113,43 @@ class ShardedDataset(IterableDataset):
                 f"({num_rows} rows / {self.world.world_size} ranks = {share}); lower batch_size, use "
                 "fewer ranks, or pass drop_last=False to pad"
             )
-        self._cursor = fresh_cursor(num_rows, 0, self.world.world_size, batch_size, drop_last)
-        self._finished_here = False
-        self._reported_epoch = -1
-        self._order: EpochOrder | None = None
-        self._reader: tuple[int, ShardReader] | None = None
+        self._start_cursor(num_rows)
+        self._readers = ProcessReader(self.manifest, self.location, self.columns, self.read_options)
         self.reader_stats: dict[str, int] = {}
 
-    # -- epoch and state ---------------------------------------------------------------------------
-    @property
-    def epoch(self) -> int:
-        return self._cursor.epoch
-
-    @property
-    def cursor(self) -> Cursor:
-        """Where this rank stands in the epoch (read-only; ``EpochIteration.advance`` moves it)."""
-        return self._cursor
-
-    def set_epoch(self, epoch: int) -> None:
-        """Start epoch ``epoch``; a no-op when the cursor is already in it (e.g. after a resume)."""
-        if epoch != self._cursor.epoch:
-            self._restart(epoch)
-
-    def _restart(self, epoch: int) -> None:
-        self._cursor = fresh_cursor(
-            self.manifest.num_rows, epoch, self.world.world_size, self.batch_size, self.drop_last
+    # -- epoch order and state ---------------------------------------------------------------------
+    def _make_order(self, epoch: int) -> EpochOrder:
+        rg_rows, _, _ = self.manifest.row_group_table()
+        return EpochOrder(
+            rg_rows, seed=self.seed, epoch=epoch, shuffle=self.shuffle, block_rows=self.block_rows
         )
-        self._finished_here = False
 
-    def order(self) -> EpochOrder:
-        if self._order is None or self._order.epoch != self._cursor.epoch:
-            rg_rows, _, _ = self.manifest.row_group_table()
-            self._order = EpochOrder(
-                rg_rows,
-                seed=self.seed,
-                epoch=self._cursor.epoch,
-                shuffle=self.shuffle,
-                block_rows=self.block_rows,
-            )
-        return self._order
+    def _describe_dropped(self, num_dropped: int) -> str:
+        return f"{num_dropped} sample(s)"
 
-    def split(self) -> Split:
-        return make_split(self._cursor)
-
-    def __len__(self) -> int:
-        """Batches per rank in the current epoch (after a resume: those left at the last split)."""
-        return self.split().num_batches
-
-    @property
-    def num_dropped(self) -> int:
-        """Samples of this epoch that no rank receives (drop_last), reported, never silent."""
-        return self.split().num_dropped
-
-    @property
-    def consumed_batches(self) -> int:
-        return self._cursor.consumed // self.batch_size
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain ints, bools and lists: the epoch cursor, identical on every rank in lock-step training."""
-        cursor = self._cursor
+    def _state_identity(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
             "num_rows": self.manifest.num_rows,
             "seed": self.seed,
             "shuffle": self.shuffle,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain ints, bools and lists: the epoch cursor, identical on every rank in lock-step training."""
+        return {
+            **self._state_identity(),
             "block_rows": self.order().block_rows,
-            "epoch": cursor.epoch,
-            "intervals": [[a, b] for a, b in cursor.intervals],
-            "world_size": cursor.world_size,
-            "batch_size": cursor.batch_size,
-            "drop_last": cursor.drop_last,
-            "consumed": cursor.consumed,
+            **cursor_state(self._cursor),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from ``state_dict()`` of any rank of any world size: the rest of that epoch follows."""
-        expected = {
-            "version": STATE_VERSION,
-            "num_rows": self.manifest.num_rows,
-            "seed": self.seed,
-            "shuffle": self.shuffle,
-        }
-        for key, value in expected.items():
-            if state.get(key) != value:
-                raise ShardsError(
-                    f"dataset {self.url}: the loader state has {key}={state.get(key)!r} but this dataset has "
-                    f"{value!r}; resume with the same dataset, seed and shuffle setting"
-                )
+        self._check_state(
+            state,
+            self._state_identity(),
+            "resume with the same dataset, seed and shuffle setting",
+        )
         if state["block_rows"] != self.order().block_rows and self.block_rows is None:
             self.block_rows = int(state["block_rows"])
         elif state["block_rows"] != self.order().block_rows:
@@ -218,62 +157,12 @@ class ShardedDataset(IterableDataset):
                 f"dataset {self.url}: the loader state has block_rows={state['block_rows']} but this dataset "
                 f"has {self.block_rows}; resume with the same block_rows"
             )
-        cursor = Cursor(
-            epoch=int(state["epoch"]),
-            intervals=tuple((int(a), int(b)) for a, b in state["intervals"]),
-            world_size=int(state["world_size"]),
-            batch_size=int(state["batch_size"]),
-            drop_last=bool(state["drop_last"]),
-            consumed=int(state["consumed"]),
-        )
-        make_split(cursor)  # validates consumed against the saved split
-        self._cursor = rebase_cursor(cursor, self.world.world_size, self.batch_size, self.drop_last)
-        self._order = None
-        self._finished_here = False
+        self._resume_cursor(state)
 
     # -- iteration ---------------------------------------------------------------------------------
     def begin_iteration(self) -> EpochIteration:
         """A pass over the batches left in this epoch; restarts an epoch this object already finished."""
-        split = self.split()
-        if self._finished_here and self.consumed_batches >= split.num_batches:
-            self._restart(self._cursor.epoch)
-            split = self.split()
-        if (
-            split.num_dropped
-            and self.world.rank == 0
-            and self._reported_epoch != self._cursor.epoch
-        ):
-            self._reported_epoch = self._cursor.epoch
-            logger.warning(
-                "shards %s epoch %d: %d sample(s) dropped so that every rank gets %d batches of %d "
-                "(drop_last=True; pass drop_last=False to pad instead)",
-                self.url,
-                self._cursor.epoch,
-                split.num_dropped,
-                split.num_batches,
-                self.batch_size,
-            )
-        return EpochIteration(self, self._cursor)
-
-    def __iter__(self) -> Iterator[Any]:
-        """Direct iteration counts every yielded batch as consumed (use ``ShardedLoader`` for workers)."""
-        return close_at_exit(self._counted_batches())
-
-    def _counted_batches(self) -> Generator[Any, None, None]:
-        if get_worker_info() is not None:  # a plain DataLoader cannot count in the main process
-            raise ShardsError(
-                "ShardedDataset under a plain DataLoader with workers cannot count consumed batches; "
-                "wrap it in shards.ShardedLoader(dataset, num_workers=...)"
-            )
-        iteration = self.begin_iteration()
-        batches = iteration.batches()
-        try:
-            for batch in batches:
-                iteration.advance()
-                yield batch
-            iteration.finish()
-        finally:
-            batches.close()  # its readahead threads stop now, not at interpreter shutdown
+        return EpochIteration(self, self._begin_pass())
 
     def assembler(self) -> BatchAssembler:
         """What turns loaded row groups into this dataset's batches (and their tensor layout)."""
@@ -288,38 +177,10 @@ class ShardedDataset(IterableDataset):
         )
 
     def _process_reader(self) -> ShardReader:
-        """One reader per process, kept across epochs: shards are opened and checked once."""
-        if self._reader is not None and self._reader[0] == os.getpid():
-            return self._reader[1]
-        options = self.read_options
-        cache = (
-            ShardCache(options.cache_dir, options.cache_bytes)
-            if options.cache_dir is not None
-            else None
-        )
-        marks_dir = (
-            os.path.join(options.cache_dir, ".verified")
-            if options.cache_dir
-            else default_marks_dir()
-        )
-        reader = ShardReader(
-            self.manifest,
-            self.location,
-            self.columns,
-            cache=cache,
-            verify=options.verify,
-            marks_dir=marks_dir if options.verify_marks else None,
-            max_open_files=options.max_open_files,
-        )
-        self._reader = (os.getpid(), reader)
-        return reader
-
-    def __getstate__(self) -> dict[str, Any]:
-        # open memory maps and locks stay in their process
-        return {**self.__dict__, "_reader": None}
+        return self._readers.get()
 
 
-class EpochIteration:
+class EpochIteration(CursorIteration):
     """One pass over this rank's batches from a snapshot of the dataset's cursor.
 
     ``batches(worker_id, num_workers)`` reads the batches a worker produces (in any process: the
@@ -327,9 +188,7 @@ class EpochIteration:
     owns the dataset; ``finish()`` marks the pass complete, so the next one restarts the epoch.
     """
 
-    def __init__(self, dataset: ShardedDataset, cursor: Cursor) -> None:
-        self.dataset, self.cursor = dataset, cursor
-        self.start_batch = cursor.consumed // cursor.batch_size
+    dataset: ShardedDataset
 
     def batches(
         self,
@@ -384,24 +243,6 @@ class EpochIteration:
             return {name: column_to_numpy(batch.column(name), name, where) for name in columns}
 
         return load_arrays
-
-    def advance(self) -> None:
-        """Count one batch as consumed by the training loop; refuses if the cursor moved meanwhile."""
-        dataset = self.dataset
-        if dataset._cursor is not self.cursor:
-            raise ShardsError(
-                "the dataset's cursor changed (set_epoch or load_state_dict) while an iteration over "
-                "it was running; start a new iteration after changing it"
-            )
-        cursor = self.cursor
-        self.cursor = dataset._cursor = dataclasses.replace(
-            cursor, consumed=cursor.consumed + cursor.batch_size
-        )
-
-    def finish(self) -> None:
-        """The pass delivered all its batches: the next iteration starts the epoch over."""
-        if self.dataset._cursor is self.cursor:
-            self.dataset._finished_here = True
 
 
 def __getattr__(name: str) -> Any:

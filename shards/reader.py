@@ -23,11 +23,12 @@ import pyarrow.parquet as pq
 from shards.cache import ShardCache
 from shards.errors import ChecksumMismatchError, ManifestError, SchemaDriftError, ShardsError
 from shards.manifest import Manifest, RowGroupInfo, ShardInfo
-from shards.options import DEFAULT_MAX_OPEN_FILES
+from shards.options import DEFAULT_MAX_OPEN_FILES, ReadOptions
 from shards.storage import DatasetLocation, checksum_of
 from shards.writer import describe_schema_drift
 
 __all__ = [
+    "ProcessReader",
     "RowGroupPrefetcher",
     "ShardReader",
     "column_to_numpy",
@@ -435,3 +436,49 @@ class RowGroupPrefetcher:
             for future in futures.values():
                 future.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+class ProcessReader:
+    """A dataset's ``ShardReader``, one per process and kept across epochs, so that shards are
+    opened and checked once; it pickles without the reader (open memory maps and locks stay in
+    their process) and the receiving process opens its own."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        location: DatasetLocation,
+        columns: Sequence[str],
+        options: ReadOptions,
+    ) -> None:
+        self.manifest, self.location, self.columns = manifest, location, list(columns)
+        self.options = options
+        self._reader: tuple[int, ShardReader] | None = None
+
+    def get(self) -> ShardReader:
+        if self._reader is not None and self._reader[0] == os.getpid():
+            return self._reader[1]
+        options = self.options
+        cache = (
+            ShardCache(options.cache_dir, options.cache_bytes)
+            if options.cache_dir is not None
+            else None
+        )
+        marks_dir = (
+            os.path.join(options.cache_dir, ".verified")
+            if options.cache_dir
+            else default_marks_dir()
+        )
+        reader = ShardReader(
+            self.manifest,
+            self.location,
+            self.columns,
+            cache=cache,
+            verify=options.verify,
+            marks_dir=marks_dir if options.verify_marks else None,
+            max_open_files=options.max_open_files,
+        )
+        self._reader = (os.getpid(), reader)
+        return reader
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_reader": None}

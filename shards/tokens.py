@@ -10,9 +10,7 @@ This module never writes data.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -20,25 +18,20 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
 
-from shards.assemble import INDEX_KEY, PADDING_KEY, TensorLayout
-from shards.cache import ShardCache
+from shards.assemble import TensorLayout, add_flags, flags_layout
+from shards.epoch_cursor import CursorIteration, EpochCursorDataset, cursor_state
 from shards.errors import ManifestError, ShardsError
 from shards.manifest import Manifest
 from shards.options import ReadOptions, WorldLike, check_world, default_world
 from shards.plan import (
     PLAN_CHUNK_BATCHES,
-    Cursor,
     EpochOrder,
-    Split,
     batches_positions,
-    fresh_cursor,
     make_split,
-    rebase_cursor,
     worker_batch_indices,
 )
-from shards.reader import RowGroupPrefetcher, ShardReader, default_marks_dir
+from shards.reader import ProcessReader, RowGroupPrefetcher, ShardReader
 from shards.storage import resolve_location
 
 __all__ = [
@@ -176,10 +169,9 @@ class WindowAssembler:
                 torch.from_numpy(np.empty(0, self.dtype)).dtype,
             )
         }
-        if self.with_index:
-            layout[INDEX_KEY] = ((self.batch_size,), torch.int64)
-        if self.pad_flags:
-            layout[PADDING_KEY] = ((self.batch_size,), torch.bool)
+        layout.update(
+            flags_layout(self.batch_size, with_index=self.with_index, pad_flags=self.pad_flags)
+        )
         return layout
 
     def assemble(
@@ -213,18 +205,16 @@ class WindowAssembler:
                 out[index, filled : filled + take] = tokens[begin : begin + take]
                 filled += take
         result = {self.column: torch.from_numpy(out)}
-        if self.with_index:
-            result[INDEX_KEY] = torch.from_numpy(planned.windows.copy())
-        if self.pad_flags:
-            result[PADDING_KEY] = torch.from_numpy(planned.padding.copy())
-        if outputs is not None:
-            for key in (INDEX_KEY, PADDING_KEY):
-                if key in result:
-                    outputs[key][...] = result[key].numpy()
+        add_flags(
+            result,
+            index=planned.windows.copy() if self.with_index else None,
+            padding=planned.padding.copy() if self.pad_flags else None,
+            outputs=outputs,
+        )
         return result
 
 
-class TokenWindowDataset(IterableDataset):
+class TokenWindowDataset(EpochCursorDataset):
     """This rank's batches of token windows from the token ``column`` of the dataset at ``url``.
 
     Each batch is ``{column: [batch_size, block_size + 1]}`` in the column's integer type; train
@@ -282,7 +272,7 @@ class TokenWindowDataset(IterableDataset):
         self.block_size, self.batch_size = block_size, batch_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.block_windows, self.with_index = block_windows, with_index
-        self._reader: tuple[int, ShardReader] | None = None
+        self._readers = ProcessReader(self.manifest, self.location, [column], self.read_options)
         counts = token_counts(self.manifest, column)
         if counts is None:
             counts = self._count_tokens()
@@ -301,10 +291,7 @@ class TokenWindowDataset(IterableDataset):
                 f"dataset {self.url}: {self.stream.num_tokens} tokens make no window of "
                 f"{block_size} + 1; lower block_size"
             )
-        self._cursor = fresh_cursor(windows, 0, self.world.world_size, batch_size, drop_last)
-        self._finished_here = False
-        self._reported_epoch = -1
-        self._order: _WindowOrder | None = None
+        self._start_cursor(windows)
         self.reader_stats: dict[str, int] = {}
 
     def _count_tokens(self) -> np.ndarray:
@@ -325,16 +312,7 @@ class TokenWindowDataset(IterableDataset):
             dtype=np.int64,
         )
 
-    # -- epoch and state ---------------------------------------------------------------------------
-    @property
-    def epoch(self) -> int:
-        return self._cursor.epoch
-
-    @property
-    def cursor(self) -> Cursor:
-        """Where this rank stands in the epoch, over window numbers."""
-        return self._cursor
-
+    # -- epoch order and state ---------------------------------------------------------------------
     @property
     def num_tokens(self) -> int:
         return self.stream.num_tokens
@@ -343,47 +321,19 @@ class TokenWindowDataset(IterableDataset):
     def num_windows(self) -> int:
         return self.stream.num_windows
 
-    def set_epoch(self, epoch: int) -> None:
-        """Start epoch ``epoch``; a no-op when the cursor is already in it (e.g. after a resume)."""
-        if epoch != self._cursor.epoch:
-            self._restart(epoch)
-
-    def _restart(self, epoch: int) -> None:
-        self._cursor = fresh_cursor(
-            self.num_windows, epoch, self.world.world_size, self.batch_size, self.drop_last
+    def _make_order(self, epoch: int) -> _WindowOrder:
+        return _WindowOrder(
+            self.stream,
+            seed=self.seed,
+            epoch=epoch,
+            shuffle=self.shuffle,
+            block_windows=self.block_windows,
         )
-        self._finished_here = False
 
-    def order(self) -> _WindowOrder:
-        if self._order is None or self._order.epoch != self._cursor.epoch:
-            self._order = _WindowOrder(
-                self.stream,
-                seed=self.seed,
-                epoch=self._cursor.epoch,
-                shuffle=self.shuffle,
-                block_windows=self.block_windows,
-            )
-        return self._order
+    def _describe_dropped(self, num_dropped: int) -> str:
+        return f"{num_dropped} window(s) of {self.block_size + 1} tokens"
 
-    def split(self) -> Split:
-        return make_split(self._cursor)
-
-    def __len__(self) -> int:
-        """Batches per rank in the current epoch (after a resume: those left at the last split)."""
-        return self.split().num_batches
-
-    @property
-    def num_dropped(self) -> int:
-        """Windows of this epoch that no rank receives (drop_last), reported, never silent."""
-        return self.split().num_dropped
-
-    @property
-    def consumed_batches(self) -> int:
-        return self._cursor.consumed // self.batch_size
-
-    def state_dict(self) -> dict[str, Any]:
-        """Plain ints, bools and lists: the epoch cursor over windows, the same on every rank."""
-        cursor = self._cursor
+    def _state_identity(self) -> dict[str, Any]:
         return {
             "version": STATE_VERSION,
             "kind": "token_windows",
@@ -391,32 +341,24 @@ class TokenWindowDataset(IterableDataset):
             "block_size": self.block_size,
             "seed": self.seed,
             "shuffle": self.shuffle,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain ints, bools and lists: the epoch cursor over windows, the same on every rank."""
+        return {
+            **self._state_identity(),
             "block_windows": self.order().block_windows,
-            "epoch": cursor.epoch,
-            "intervals": [[a, b] for a, b in cursor.intervals],
-            "world_size": cursor.world_size,
-            "batch_size": cursor.batch_size,
-            "drop_last": cursor.drop_last,
-            "consumed": cursor.consumed,
+            **cursor_state(self._cursor),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Resume from ``state_dict()`` of any rank of any world size: the rest of that epoch follows."""
-        expected = {
-            "version": STATE_VERSION,
-            "kind": "token_windows",
-            "num_tokens": self.num_tokens,
-            "block_size": self.block_size,
-            "seed": self.seed,
-            "shuffle": self.shuffle,
-        }
-        for key, value in expected.items():
-            if state.get(key) != value:
-                raise ShardsError(
-                    f"dataset {self.url}: the loader state has {key}={state.get(key)!r} but this "
-                    f"dataset has {value!r}; resume with the same dataset, column, block_size, seed "
-                    "and shuffle setting (a new block_size starts a new epoch: call set_epoch)"
-                )
+        self._check_state(
+            state,
+            self._state_identity(),
+            "resume with the same dataset, column, block_size, seed and shuffle setting (a new "
+            "block_size starts a new epoch: call set_epoch)",
+        )
         if self.block_windows is None:
             self.block_windows = int(state["block_windows"])
         elif state["block_windows"] != self.block_windows:
@@ -424,52 +366,12 @@ class TokenWindowDataset(IterableDataset):
                 f"dataset {self.url}: the loader state has block_windows={state['block_windows']} "
                 f"but this dataset has {self.block_windows}; resume with the same block_windows"
             )
-        cursor = Cursor(
-            epoch=int(state["epoch"]),
-            intervals=tuple((int(a), int(b)) for a, b in state["intervals"]),
-            world_size=int(state["world_size"]),
-            batch_size=int(state["batch_size"]),
-            drop_last=bool(state["drop_last"]),
-            consumed=int(state["consumed"]),
-        )
-        make_split(cursor)  # validates consumed against the saved split
-        self._cursor = rebase_cursor(cursor, self.world.world_size, self.batch_size, self.drop_last)
-        self._order = None
-        self._finished_here = False
+        self._resume_cursor(state)
 
     # -- iteration ---------------------------------------------------------------------------------
     def begin_iteration(self) -> TokenWindowIteration:
         """A pass over the batches left in this epoch; restarts an epoch this object already finished."""
-        split = self.split()
-        if self._finished_here and self.consumed_batches >= split.num_batches:
-            self._restart(self._cursor.epoch)
-            split = self.split()
-        if split.num_dropped and self.world.rank == 0 and self._reported_epoch != self.epoch:
-            self._reported_epoch = self.epoch
-            logger.warning(
-                "shards %s epoch %d: %d window(s) of %d tokens dropped so that every rank gets %d "
-                "batches of %d (drop_last=True; pass drop_last=False to pad instead)",
-                self.url,
-                self.epoch,
-                split.num_dropped,
-                self.block_size + 1,
-                split.num_batches,
-                self.batch_size,
-            )
-        return TokenWindowIteration(self, self._cursor)
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Direct iteration counts every yielded batch as consumed (use ``ShardedLoader`` for workers)."""
-        if get_worker_info() is not None:
-            raise ShardsError(
-                "TokenWindowDataset under a plain DataLoader with workers cannot count consumed "
-                "batches; wrap it in shards.ShardedLoader(dataset, num_workers=...)"
-            )
-        iteration = self.begin_iteration()
-        for batch in iteration.batches():
-            iteration.advance()
-            yield batch
-        iteration.finish()
+        return TokenWindowIteration(self, self._begin_pass())
 
     def assembler(self) -> WindowAssembler:
         return WindowAssembler(
@@ -482,44 +384,14 @@ class TokenWindowDataset(IterableDataset):
         )
 
     def _process_reader(self) -> ShardReader:
-        """One reader per process, kept across epochs: shards are opened and checked once."""
-        if self._reader is not None and self._reader[0] == os.getpid():
-            return self._reader[1]
-        options = self.read_options
-        cache = (
-            ShardCache(options.cache_dir, options.cache_bytes)
-            if options.cache_dir is not None
-            else None
-        )
-        marks_dir = (
-            os.path.join(options.cache_dir, ".verified")
-            if options.cache_dir
-            else default_marks_dir()
-        )
-        reader = ShardReader(
-            self.manifest,
-            self.location,
-            [self.column],
-            cache=cache,
-            verify=options.verify,
-            marks_dir=marks_dir if options.verify_marks else None,
-            max_open_files=options.max_open_files,
-        )
-        self._reader = (os.getpid(), reader)
-        return reader
-
-    def __getstate__(self) -> dict[str, Any]:
-        # open memory maps and locks stay in their process
-        return {**self.__dict__, "_reader": None}
+        return self._readers.get()
 
 
-class TokenWindowIteration:
+class TokenWindowIteration(CursorIteration):
     """One pass over this rank's window batches from a snapshot of the dataset's cursor: the same
     protocol as ``shards.dataset.EpochIteration`` (``batches``, ``advance``, ``finish``)."""
 
-    def __init__(self, dataset: TokenWindowDataset, cursor: Cursor) -> None:
-        self.dataset, self.cursor = dataset, cursor
-        self.start_batch = cursor.consumed // cursor.batch_size
+    dataset: TokenWindowDataset
 
     def plan(self, worker_id: int = 0, num_workers: int = 1) -> Iterator[TokenWindowBatch]:
         """The batches worker ``worker_id`` produces, in its order (located a chunk at a time)."""
@@ -599,21 +471,3 @@ class TokenWindowIteration:
             return values.to_numpy(zero_copy_only=True)
 
         return load_tokens
-
-    def advance(self) -> None:
-        """Count one batch as consumed by the training loop; refuses if the cursor moved meanwhile."""
-        dataset = self.dataset
-        if dataset._cursor is not self.cursor:
-            raise ShardsError(
-                "the dataset's cursor changed (set_epoch or load_state_dict) while an iteration over "
-                "it was running; start a new iteration after changing it"
-            )
-        cursor = self.cursor
-        self.cursor = dataset._cursor = dataclasses.replace(
-            cursor, consumed=cursor.consumed + cursor.batch_size
-        )
-
-    def finish(self) -> None:
-        """The pass delivered all its batches: the next iteration starts the epoch over."""
-        if self.dataset._cursor is self.cursor:
-            self.dataset._finished_here = True

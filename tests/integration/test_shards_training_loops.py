@@ -9,7 +9,6 @@ import json
 import multiprocessing
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -23,7 +22,7 @@ import torch
 
 from shards import ShardedDataset, write_shards
 from tests.integration.processes import clean_env, finish, start
-from tests.shards.synthetic import make_table
+from tests.shards.synthetic import make_table, write_table_dataset
 from trainkit.exit_codes import EXIT_PREEMPTED
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -124,14 +123,7 @@ def test_nanogpt_shaped_script_is_preempted_promptly_and_resumes_batch_for_batch
     tmp_path: Path,
 ) -> None:
     url = str(tmp_path / "data")
-    write_shards(
-        make_table(3000),
-        url,
-        format="arrow",
-        row_group_bytes=2048,
-        bytes_per_shard=16384,
-        progress=False,
-    )
+    write_table_dataset(url)
     script = tmp_path / "train.py"
     script.write_text(NANOGPT_SHAPED)
     checkpoints, env = tmp_path / "ckpt", clean_env(tmp_path, TRAINKIT_GRACE_PERIOD_S=str(GRACE_S))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from tests.shards.synthetic import make_table
+from tests.shards.synthetic import make_table, write_table_dataset
 
 
 @pytest.fixture
@@ -15,19 +15,7 @@ def table() -> pa.Table:
 
 @pytest.fixture(params=["parquet", "arrow"])
 def dataset_url(request, tmp_path, table) -> str:
-    from shards import write_shards
-
-    url = str(tmp_path / request.param)
-    # ~13 rows per row group is too fine; 2 KiB groups hold ~85 rows here, 8 row groups per shard
-    write_shards(
-        table,
-        url,
-        format=request.param,
-        row_group_bytes=2048,
-        bytes_per_shard=16384,
-        progress=False,
-    )
-    return url
+    return write_table_dataset(str(tmp_path / request.param), len(table), request.param)
 
 
 @pytest.fixture(autouse=True)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from shards import ShardedDataset, ShardedLoader, ShardsError
+from tests.shards.in_process import run_every_rank
 
 
 @dataclass(frozen=True)
@@ -37,20 +38,14 @@ def test_batches_are_tensors_of_the_right_rows(dataset_url):
 
 def loader_ids(url, world_size, num_workers, stop=None, states=None, **kwargs):
     """Run every rank of a world in this process; returns ids per rank and the states at ``stop``."""
-    ids, saved = [], []
-    for rank in range(world_size):
-        ds = dataset(url, rank, world_size, **kwargs)
-        if states is not None:
-            ds.load_state_dict(states[rank % len(states)])
-        loader = ShardedLoader(ds, num_workers=num_workers)
-        seen = []
-        for batch in loader:
-            seen.append(batch["id"][~batch["_padding"]] if "_padding" in batch else batch["id"])
-            if len(seen) == stop:
-                break  # the loop took this batch: it counts as consumed
-        saved.append(loader.state_dict())
-        ids.append(torch.cat(seen).numpy() if seen else np.zeros(0, np.int64))
-    return ids, saved
+    return run_every_rank(
+        lambda rank: dataset(url, rank, world_size, **kwargs),
+        world_size,
+        key="id",
+        num_workers=num_workers,
+        stop=stop,
+        states=states,
+    )
 
 
 @pytest.mark.timeout(120)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from shards import ShardedDataset, ShardedLoader, ShardsError, write_shards
-from tests.shards.synthetic import make_table
+from tests.shards.synthetic import make_table, write_table_dataset
 
 BATCH = 64  # 3000 rows / (2 ranks x 64) = 23 batches per rank and epoch
 PER_EPOCH = 23
@@ -26,16 +26,7 @@ class FakeWorld:
 
 @pytest.fixture(scope="module")
 def url(tmp_path_factory) -> str:
-    url = str(tmp_path_factory.mktemp("loops") / "data")
-    write_shards(
-        make_table(3000),
-        url,
-        format="arrow",
-        row_group_bytes=2048,
-        bytes_per_shard=16384,
-        progress=False,
-    )
-    return url
+    return write_table_dataset(str(tmp_path_factory.mktemp("loops") / "data"))
 
 
 def make_loader(url: str, **kwargs) -> ShardedLoader:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from shards import ShardedLoader, ShardsError, TokenWindowDataset, write_shards
+from tests.shards.in_process import run_every_rank
 
 NUM_TOKENS = 20_011
 
@@ -82,23 +83,15 @@ def test_windows_of_any_block_size_are_the_stream(stream_url, block_size):
 
 def run_world(url, world_size, num_workers=0, stop=None, states=None, **kwargs):
     """Every rank of a world in this process: window numbers per rank, states after ``stop``."""
-    seen, saved = [], []
-    for rank in range(world_size):
-        ds = windows_dataset(url, rank, world_size, **kwargs)
-        if states is not None:
-            ds.load_state_dict(states[rank % len(states)])
-        loader = ShardedLoader(ds, num_workers=num_workers)
-        windows = []
-        for batch in loader:
-            check_windows(batch, ds.block_size)
-            windows.append(
-                batch["_index"][~batch["_padding"]] if "_padding" in batch else batch["_index"]
-            )
-            if len(windows) == stop:
-                break
-        saved.append(loader.state_dict())
-        seen.append(torch.cat(windows).numpy() if windows else np.zeros(0, np.int64))
-    return seen, saved
+    return run_every_rank(
+        lambda rank: windows_dataset(url, rank, world_size, **kwargs),
+        world_size,
+        key="_index",
+        num_workers=num_workers,
+        stop=stop,
+        states=states,
+        check=lambda ds, batch: check_windows(batch, ds.block_size),
+    )
 
 
 def test_world_change_mid_epoch_covers_every_window_once(stream_url):
