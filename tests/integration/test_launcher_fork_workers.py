@@ -19,15 +19,9 @@ PROBE = Path(__file__).parent / "scripts" / "fork_probe.py"
 def test_restarted_workers_are_forked_preloaded_and_keep_the_worker_contract(
     tmp_path: Path,
 ) -> None:
-    launcher = start(
-        [
-            sys.executable, "-m", "launchers.run", "--fork-workers", "--standalone",
-            "--nproc-per-node", "2", "--max-restarts", "1", "--monitor-interval", "0.1",
-            str(PROBE), "--lr", "0.1",
-        ],  # fmt: skip
-        clean_env(tmp_path),
-        cwd=tmp_path,
-    )
+    command = [sys.executable, "-m", "launchers.run", "--fork-workers", "--standalone"]
+    command += ["--nproc-per-node", "2", "--max-restarts", "1", "--monitor-interval", "0.1"]
+    launcher = start([*command, str(PROBE), "--lr", "0.1"], clean_env(tmp_path), cwd=tmp_path)
     code, output = finish(launcher, 100, "trainkit-run --fork-workers")
 
     # The second attempt ran in processes forked from the server: torch was already imported.
