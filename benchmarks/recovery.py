@@ -1,18 +1,19 @@
-"""Recovery of the elastic story: failure to training again, per phase, with and without DNS membership.
+"""Recovery of the elastic story: failure to training again, per phase, per variant.
 
-    sudo .venv/bin/python benchmarks/recovery.py                 # every variant, full size (~9 min)
-    sudo .venv/bin/python benchmarks/recovery.py --variants dns  # only trainkit's default
+    sudo .venv/bin/python benchmarks/recovery.py                  # every variant, full size (~11 min)
+    sudo .venv/bin/python benchmarks/recovery.py --variants fork  # only trainkit's default
 
 The story (tests/integration/elastic_story.py) on 3 namespace pods x 2 processes, ``trainkit-run
 --nnodes 2:3`` with the ``k8s`` backend, the rdzv-store pod, data and checkpoints on S3 (moto in a
 pod), Prometheus scraping every pod: SIGTERM to every pod (exit 75) and restart; SIGKILL of a
-whole pod; a new pod joining; a pod's network cut. ``dns`` is trainkit's default (rounds close
-when every live pod in DNS joined; pods that left DNS leave the rendezvous at once and their
-round's survivors restart); ``fork`` adds ``trainkit-run --fork-workers`` (restarted workers are
-forked from a process that imported torch once); ``timeouts`` is the story with
-``dns_membership=0``: torch's keep-alive and last-call timeouts alone, the baseline every ratio
-is taken against. Writes benchmarks/results/recovery.{json,png} (the timeline of the ``fork`` run,
-else ``dns``) and prints a phase table. Needs root, iproute2, dnsmasq, prometheus, moto.
+whole pod; a new pod joining; a pod's network cut. ``fork`` is trainkit's default: DNS membership
+(rounds close when every live pod in DNS joined; pods that left DNS leave the rendezvous at once
+and their round's survivors restart) and the fork server (restarted workers are forked from a
+process that imported torch once); ``dns`` is the same with ``--no-fork-workers``; ``timeouts``
+is the story with ``dns_membership=0`` and no fork server: torch's keep-alive and last-call
+timeouts alone, the baseline every ratio is taken against. Writes
+benchmarks/results/recovery.{json,png} (the timeline of the ``fork`` run, else ``dns``) and
+prints a phase table. Needs root, iproute2, dnsmasq, prometheus, moto.
 """
 
 from __future__ import annotations

@@ -58,8 +58,10 @@ class ForkServer:
     def __init__(self, launcher_pid: int, env: Mapping[str, str]) -> None:
         self._directory = Path(tempfile.mkdtemp(prefix="trainkit-fork-"))
         self.socket_path = str(self._directory / "server.sock")
+        # The interpreter and flags torchrun starts Python workers with.
+        python = env.get("PYTHON_EXEC", sys.executable)
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "launchers.fork_server", str(launcher_pid), self.socket_path],
+            [python, "-u", "-m", "launchers.fork_server", str(launcher_pid), self.socket_path],
             env=dict(env),
             stdin=subprocess.DEVNULL,
         )
@@ -141,10 +143,8 @@ def _become_worker(keeper_pid: int, fds: list[int], request: dict) -> None:
     os.environ.update(request["env"])
     os.chdir(request["cwd"])
     random.seed()  # the fork copied the server's state; every worker gets its own
-    # A fresh interpreter's text streams over the new fds 1 and 2.
-    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
-    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-    sys.stdin = open(0, closefd=False)  # noqa: SIM115
+    # sys.stdin/stdout/stderr wrap fds 0-2, which now are the bootstrap's; the server runs with
+    # -u like torchrun's workers, so nothing is buffered on the way.
     run_target(request["mode"], request["target"], request["args"])
 
 

@@ -84,9 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pod.add_argument(
         "--fork-workers",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="start Python workers from a fork server that imported torch once, so a restart "
-        "skips the imports (off by default; --no-python and --run-path start as usual)",
+        "skips the imports (default: on; --no-python and --run-path workers start as usual)",
     )
     return parser
 
