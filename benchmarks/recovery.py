@@ -1,16 +1,19 @@
-"""Recovery of the elastic story: failure to training again, per phase, with and without DNS membership.
+"""Recovery of the elastic story: failure to training again, per phase, per variant.
 
-    sudo .venv/bin/python benchmarks/recovery.py                 # both variants, full size (~6 min)
-    sudo .venv/bin/python benchmarks/recovery.py --variants dns  # only trainkit's default
+    sudo .venv/bin/python benchmarks/recovery.py                  # every variant, full size (~11 min)
+    sudo .venv/bin/python benchmarks/recovery.py --variants fork  # only trainkit's default
 
 The story (tests/integration/elastic_story.py) on 3 namespace pods x 2 processes, ``trainkit-run
 --nnodes 2:3`` with the ``k8s`` backend, the rdzv-store pod, data and checkpoints on S3 (moto in a
 pod), Prometheus scraping every pod: SIGTERM to every pod (exit 75) and restart; SIGKILL of a
-whole pod; a new pod joining; a pod's network cut. ``dns`` is trainkit's default (rounds close
-when every live pod in DNS joined; pods that left DNS leave the rendezvous at once); ``timeouts``
-is the same story with ``dns_membership=0``: torch's keep-alive and last-call timeouts alone, the
-baseline every ratio is taken against. Writes benchmarks/results/recovery.{json,png} (the timeline
-of the ``dns`` run) and prints a phase table. Needs root, iproute2, dnsmasq, prometheus, moto.
+whole pod; a new pod joining; a pod's network cut. ``fork`` is trainkit's default: DNS membership
+(rounds close when every live pod in DNS joined; pods that left DNS leave the rendezvous at once
+and their round's survivors restart) and the fork server (restarted workers are forked from a
+process that imported torch once); ``dns`` is the same with ``--no-fork-workers``; ``timeouts``
+is the story with ``dns_membership=0`` and no fork server: torch's keep-alive and last-call
+timeouts alone, the baseline every ratio is taken against. Writes
+benchmarks/results/recovery.{json,png} (the timeline of the ``fork`` run, else ``dns``) and
+prints a phase table. Needs root, iproute2, dnsmasq, prometheus, moto.
 """
 
 from __future__ import annotations
@@ -39,8 +42,13 @@ PHASES = (
 )
 
 
-def run_variant(dns_membership: bool, workdir: Path) -> dict:
-    config = StoryConfig(dns_membership=dns_membership, wait_s=240)
+#: Variant name -> (dns_membership, fork_workers).
+VARIANTS = {"fork": (True, True), "dns": (True, False), "timeouts": (False, False)}
+
+
+def run_variant(variant: str, workdir: Path) -> dict:
+    dns_membership, fork_workers = VARIANTS[variant]
+    config = StoryConfig(dns_membership=dns_membership, fork_workers=fork_workers, wait_s=240)
     with PodNet() as net:
         story = ElasticStory(net, workdir, config)
         try:
@@ -51,8 +59,16 @@ def run_variant(dns_membership: bool, workdir: Path) -> dict:
 
 
 def print_table(results: dict[str, dict]) -> None:
+    """Seconds per phase and variant; ratios of every variant against the last one (the baseline)."""
     variants = list(results)
-    print(f"{'event':<12} {'phase':<36} " + " ".join(f"{v:>10}" for v in variants) + "   ratio")
+    baseline = variants[-1]
+    ratios = [f"{v}/{baseline}" for v in variants[:-1]]
+    print(
+        f"{'event':<12} {'phase':<36} "
+        + " ".join(f"{v:>10}" for v in variants)
+        + "  "
+        + " ".join(f"{r:>14}" for r in ratios)
+    )
     kinds = [f["kind"] for f in results[variants[0]]["failures"]]
     for index, kind in enumerate(kinds):
         rows = [results[v]["failures"][index] for v in variants]
@@ -68,10 +84,12 @@ def print_table(results: dict[str, dict]) -> None:
             if all(v is None for v in values):
                 continue
             shown = " ".join(f"{v:>10}" if v is not None else f"{'-':>10}" for v in values)
-            ratio = ""
-            if len(values) == 2 and values[0] is not None and values[1]:
-                ratio = f"{values[0] / values[1]:.2f}"
-            print(f"{kind:<12} {phase:<36} {shown}   {ratio}")
+            last = values[-1]
+            shown_ratios = " ".join(
+                f"{value / last:>14.2f}" if value is not None and last else f"{'-':>14}"
+                for value in values[:-1]
+            )
+            print(f"{kind:<12} {phase:<36} {shown}  {shown_ratios}")
     for variant, result in results.items():
         print(f"{variant}: goodput at the end {result['goodput_final']}")
 
@@ -117,7 +135,11 @@ def plot_timeline(result: dict, path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", default="dns,timeouts", help="comma list of dns, timeouts")
+    parser.add_argument(
+        "--variants",
+        default="fork,dns,timeouts",
+        help="comma list of fork, dns, timeouts; the last one is the baseline of the ratios",
+    )
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = parser.parse_args()
     reason = netns_unavailable_reason()
@@ -127,7 +149,7 @@ def main() -> int:
     results: dict[str, dict] = {}
     for variant in args.variants.split(","):
         with tempfile.TemporaryDirectory(prefix=f"trainkit-recovery-{variant}-") as workdir:
-            results[variant] = run_variant(variant == "dns", Path(workdir))
+            results[variant] = run_variant(variant, Path(workdir))
             print(f"{variant}: done", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,8 +159,9 @@ def main() -> int:
         for variant, result in results.items()
     }
     (out / "recovery.json").write_text(json.dumps(summary, indent=1))
-    if "dns" in results:
-        plot_timeline(results["dns"], out / "recovery.png")
+    shown = next((v for v in ("fork", "dns") if v in results), None)
+    if shown is not None:
+        plot_timeline(results[shown], out / "recovery.png")
     return 0
 
 

@@ -16,6 +16,7 @@ import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from trainkit.preemption import (
     EXIT_PREEMPTED,
@@ -28,6 +29,9 @@ from trainkit.preemption import (
     read_exit_records,
     read_grace_period_s,
 )
+
+if TYPE_CHECKING:
+    from launchers.fork_server import ForkServer
 
 __all__ = [
     "bind_workers_to_launcher",
@@ -77,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="address /metrics listens on (default: TRAINKIT_METRICS_HOST, else the pod IP in a "
         "pod and 127.0.0.1 elsewhere; 0.0.0.0 for every interface)",
+    )
+    pod.add_argument(
+        "--fork-workers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="start Python workers from a fork server that imported torch once, so a restart "
+        "skips the imports (default: on; --no-python and --run-path workers start as usual)",
     )
     return parser
 
@@ -196,12 +207,15 @@ def apply_trainkit_defaults(
     return notes
 
 
-def bind_workers_to_launcher(args: argparse.Namespace, launcher_pid: int) -> None:
+def bind_workers_to_launcher(
+    args: argparse.Namespace, launcher_pid: int, *, fork_server: str | None = None
+) -> None:
     """Start every worker through ``launchers.worker_bootstrap`` so it dies with this launcher.
 
     A SIGKILLed launcher otherwise leaves its workers running (each in its own session), holding
     GPUs and writing into the checkpoint root of the job that replaces it. ``--run-path`` workers
     are forked by multiprocessing, not started as a command, and stay as torch starts them.
+    ``fork_server``: the socket of the launcher's ``launchers.fork_server`` (``--fork-workers``).
     """
     from launchers.worker_bootstrap import bootstrap_argv
 
@@ -214,7 +228,11 @@ def bind_workers_to_launcher(args: argparse.Namespace, launcher_pid: int) -> Non
     else:
         mode = "script"
     args.training_script_args = bootstrap_argv(
-        launcher_pid, mode, args.training_script, args.training_script_args
+        launcher_pid,
+        mode,
+        args.training_script,
+        args.training_script_args,
+        fork_server=None if mode == "exec" else fork_server,
     )
     args.training_script = "launchers.worker_bootstrap"
     args.module, args.no_python = True, False
@@ -273,6 +291,19 @@ def _summarise_failure(error: BaseException) -> int:
     return code
 
 
+def _start_fork_server(args: argparse.Namespace) -> ForkServer:
+    """The fork server, started before the rendezvous so its imports overlap with it."""
+    from torch.distributed.run import determine_local_world_size
+
+    from launchers.fork_server import ForkServer
+
+    server_env = dict(os.environ)
+    # torchrun sets this for the workers later; OpenMP reads it when torch is imported.
+    if "OMP_NUM_THREADS" not in server_env and determine_local_world_size(args.nproc_per_node) > 1:
+        server_env["OMP_NUM_THREADS"] = "1"
+    return ForkServer(os.getpid(), server_env)
+
+
 def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     """Parse ``argv`` like torchrun, launch through torch.distributed.elastic, return the exit code."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -304,7 +335,6 @@ def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None)
             print(f"trainkit-run: {error}", file=sys.stderr, flush=True)
             return 2
     use_standalone_rendezvous(args)
-    bind_workers_to_launcher(args, os.getpid())
 
     # Workers inherit this process's environment: the comms plan, the metrics directory and the
     # exit-status directory reach them that way, exactly as torchrun passes its own variables.
@@ -348,6 +378,14 @@ def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None)
     get_error_handler().initialize()
     status_dir = Path(tempfile.mkdtemp(prefix="trainkit-exit-"))
     os.environ[EXIT_STATUS_DIR_VARIABLE] = str(status_dir)
+    # Last, with the workers' environment complete: the fork server imports while torch's agent
+    # forms the rendezvous (a worker started before it listens runs the usual way).
+    fork_server: ForkServer | None = None
+    if args.fork_workers and not args.run_path and not args.no_python:
+        fork_server = _start_fork_server(args)
+    bind_workers_to_launcher(
+        args, os.getpid(), fork_server=None if fork_server is None else fork_server.socket_path
+    )
     install_restart_policy(status_dir)  # a broken group is stopped in seconds, not the grace period
     try:
         torch_run(args)
@@ -373,6 +411,8 @@ def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None)
         pod_memory.close()
         if exporter is not None:
             exporter.close()
+        if fork_server is not None:
+            fork_server.close()
 
 
 def main() -> None:

@@ -3,6 +3,8 @@
 ``python -m launchers.worker_bootstrap <launcher pid> script|module|exec <target> [args...]`` asks
 Linux to SIGKILL this process when the launcher dies, then runs the target exactly as torchrun
 would (``__main__``, the same argv, sys.path and environment). It never imports torch or trainkit.
+With ``--fork-server=SOCKET`` first, a target that runs in Python runs in a process forked by
+``launchers.fork_server`` (torch already imported) when that server is listening.
 """
 
 from __future__ import annotations
@@ -17,21 +19,30 @@ import sys
 import zipfile
 from collections.abc import Sequence
 
-__all__ = ["MODES", "bootstrap_argv", "die_with_parent", "main"]
+__all__ = ["MODES", "bootstrap_argv", "die_with_parent", "main", "run_target"]
 
 #: How the target runs: a script path (``python script.py``), a module (``python -m``) or a program.
 MODES = ("script", "module", "exec")
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
+_FORK_SERVER_OPTION = "--fork-server="
+
 
 def bootstrap_argv(
-    launcher_pid: int, mode: str, target: str, target_args: Sequence[str]
+    launcher_pid: int,
+    mode: str,
+    target: str,
+    target_args: Sequence[str],
+    *,
+    fork_server: str | None = None,
 ) -> list[str]:
-    """Arguments after ``python -m launchers.worker_bootstrap`` that run ``target`` in ``mode``."""
+    """Arguments after ``python -m launchers.worker_bootstrap`` that run ``target`` in ``mode``;
+    ``fork_server``: the socket of a ``launchers.fork_server`` to start it from."""
     if mode not in MODES:
         raise ValueError(f"worker bootstrap: mode {mode!r}; expected one of {', '.join(MODES)}")
-    return [str(launcher_pid), mode, target, *target_args]
+    prefix = [] if fork_server is None else [_FORK_SERVER_OPTION + fork_server]
+    return [*prefix, str(launcher_pid), mode, target, *target_args]
 
 
 def die_with_parent(expected_parent_pid: int) -> bool:
@@ -86,15 +97,8 @@ def _run_module(name: str, args: Sequence[str]) -> None:
     runpy.run_module(name, run_name="__main__", alter_sys=True)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) < 3 or argv[1] not in MODES or not argv[0].isdigit():
-        raise SystemExit(
-            "usage: python -m launchers.worker_bootstrap <launcher pid> script|module|exec <target> "
-            "[args...] (trainkit-run starts workers this way; run your script directly instead)"
-        )
-    launcher_pid, mode, target, target_args = int(argv[0]), argv[1], argv[2], argv[3:]
-    die_with_parent(launcher_pid)
+def run_target(mode: str, target: str, target_args: Sequence[str]) -> None:
+    """Run ``target`` in this process as torchrun would (``exec`` replaces the process)."""
     if mode == "exec":
         # The death signal survives execve, so the program stays bound to the launcher.
         os.execvp(target, [target, *target_args])
@@ -102,6 +106,25 @@ def main(argv: Sequence[str] | None = None) -> None:
         _run_module(target, target_args)
     else:
         _run_script(target, target_args)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    fork_server = None
+    if argv and argv[0].startswith(_FORK_SERVER_OPTION):
+        fork_server = argv.pop(0)[len(_FORK_SERVER_OPTION) :]
+    if len(argv) < 3 or argv[1] not in MODES or not argv[0].isdigit():
+        raise SystemExit(
+            "usage: python -m launchers.worker_bootstrap <launcher pid> script|module|exec <target> "
+            "[args...] (trainkit-run starts workers this way; run your script directly instead)"
+        )
+    launcher_pid, mode, target, target_args = int(argv[0]), argv[1], argv[2], argv[3:]
+    die_with_parent(launcher_pid)
+    if fork_server is not None and mode != "exec":
+        from launchers.fork_server import run_forked
+
+        run_forked(fork_server, mode, target, target_args)  # returns only if none is listening
+    run_target(mode, target, target_args)
 
 
 if __name__ == "__main__":

@@ -15,12 +15,20 @@ from datetime import timedelta
 
 from trainkit.world import World
 
-__all__ = ["current_world", "init", "is_initialized", "resolve_backend", "shutdown"]
+__all__ = [
+    "collective_timeout",
+    "current_world",
+    "init",
+    "is_initialized",
+    "resolve_backend",
+    "shutdown",
+]
 
 logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _world: World | None = None
+_timeout: timedelta | None = None
 
 
 def resolve_backend(backend: str, *, cuda_available: bool) -> str:
@@ -129,7 +137,7 @@ def init(
         timeout: collective and rendezvous timeout (default 10 minutes).
         world: the world to join; default ``World.from_env()`` of the process environment.
     """
-    global _world
+    global _world, _timeout
     import torch
     import torch.distributed as dist
 
@@ -160,6 +168,7 @@ def init(
                 kwargs["device_id"] = device_id
             kwargs.update(_rendezvous(world, timeout, process_env))
             dist.init_process_group(**kwargs)  # type: ignore[arg-type]
+            _timeout = timeout
             logger.info(
                 "trainkit: rank %d/%d joined (backend %s, source %s)",
                 world.rank,
@@ -169,6 +178,15 @@ def init(
             )
         _world = world
         return world
+
+
+def collective_timeout() -> timedelta | None:
+    """The ``timeout`` this process's ``init()`` created the process group with, for the groups
+    other parts create later (torch's ``new_group`` would otherwise use its own 30 min default,
+    and a rank blocked on a lost peer would wait that long). None when ``init()`` did not create
+    the group (a script that called ``init_process_group`` itself): torch's default then applies.
+    """
+    return _timeout if current_world() is not None else None
 
 
 def is_initialized() -> bool:
@@ -184,7 +202,7 @@ def current_world() -> World | None:
 
 def shutdown() -> None:
     """Leave the process group; every rank calls it. Safe to call twice or without ``init()``."""
-    global _world
+    global _world, _timeout
     import torch.distributed as dist
 
     with _lock:
@@ -194,3 +212,4 @@ def shutdown() -> None:
                 dist.barrier()
             dist.destroy_process_group()
         _world = None
+        _timeout = None

@@ -53,6 +53,7 @@ class StoryConfig:
     collective_timeout_s: float = 10.0  # --collective-timeout-s: bounds a cut peer's detection
     grace_period_s: int = 20  # TRAINKIT_GRACE_PERIOD_S: SIGTERM to exit
     dns_membership: bool = True  # rdzv-conf dns_membership (False: torch's timeouts alone)
+    fork_workers: bool = True  # trainkit-run's fork server: restarts skip importing torch
     network_cut: bool = True  # include the cut-network chapter
     prometheus: bool = True  # scrape every pod's /metrics with a real Prometheus
     wait_s: float = 150.0  # the longest any one chapter may take
@@ -244,6 +245,7 @@ class ElasticStory:
             "--nnodes", "2:3", "--nproc-per-node", str(c.nproc_per_node),
             "--rdzv-backend", "k8s", "--rdzv-endpoint", "train", "--rdzv-id", "story",
             "--rdzv-conf", conf, "--max-restarts", "100",
+            "--fork-workers" if c.fork_workers else "--no-fork-workers",
             str(EXAMPLE),
             "--data", f"s3://{BUCKET}/data", "--checkpoint-dir", f"s3://{BUCKET}/checkpoints",
             "--rows", str(c.rows), "--batch-size", str(c.batch_size), "--hidden", str(c.hidden),

@@ -55,6 +55,7 @@ def test_every_torchrun_option_parses_the_same(action: argparse.Action) -> None:
         "service",
         "metrics_port",
         "metrics_host",
+        "fork_workers",
     }  # trainkit's own options
 
 

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,39 @@ def test_worker_whose_launcher_already_died_kills_itself(tmp_path: Path) -> None
 def test_bad_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="mode 'python'; expected one of script, module, exec"):
         bootstrap_argv(1, "python", "x.py", [])
+
+
+def test_forked_worker_gets_the_same_contract_and_falls_back_without_a_server(
+    tmp_path: Path,
+) -> None:
+    from launchers.fork_server import ForkServer
+
+    script = tmp_path / "sub" / "train.py"
+    script.parent.mkdir()
+    script.write_text(SCRIPT.replace('"signal"', '"torch": "torch" in sys.modules, "signal"'))
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    expected = {
+        "argv": [str(script), "--lr", "1"],
+        "path0": str(script.parent),
+        "name": "__main__",
+        "signal": signal.SIGKILL,
+    }
+    # Nobody listening: the bootstrap runs the script itself.
+    argv = bootstrap_argv(os.getpid(), "script", str(script), ["--lr", "1"], fork_server="/none")
+    result = bootstrap(*argv, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {**expected, "torch": False}
+
+    server = ForkServer(os.getpid(), env)
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(server.socket_path) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        argv = bootstrap_argv(
+            os.getpid(), "script", str(script), ["--lr", "1"], fork_server=server.socket_path
+        )
+        result = bootstrap(*argv, cwd=tmp_path)
+    finally:
+        server.close()
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {**expected, "torch": True}

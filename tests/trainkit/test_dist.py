@@ -72,6 +72,23 @@ def test_init_single_process_is_idempotent_and_shutdown_is_safe() -> None:
     assert result.stdout.strip() == "single"
 
 
+def test_groups_created_later_get_the_timeout_init_was_given() -> None:
+    result = run_python(
+        """
+        from datetime import timedelta
+        import trainkit
+        from trainkit.dist import collective_timeout
+        assert collective_timeout() is None
+        trainkit.init(timeout=timedelta(seconds=7))
+        print(collective_timeout().total_seconds())
+        trainkit.shutdown()
+        assert collective_timeout() is None
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "7.0"
+
+
 def test_init_joins_the_world_it_is_given_not_the_process_environment() -> None:
     # The process has no MASTER_ADDR/MASTER_PORT: env:// would fail; the World names the address.
     result = run_python(

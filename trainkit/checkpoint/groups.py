@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from trainkit.dist import collective_timeout
 from trainkit.preemption import agree_any
 
 __all__ = ["CheckpointGroups"]
@@ -26,8 +27,15 @@ class CheckpointGroups:
                 f"world_size mismatch: the process group has {dist.get_world_size()} ranks, the World "
                 f"{world_size}; pass the World that trainkit.init() returned"
             )
-        self.agree_group = dist.new_group(backend="gloo") if self.distributed else None
-        self.save_group = dist.new_group(backend="gloo") if self.distributed else None
+        # With trainkit.init()'s timeout, not torch's 30 min: a rank blocked here on a lost peer
+        # fails as soon as its training collectives would.
+        timeout = collective_timeout()
+        self.agree_group = (
+            dist.new_group(backend="gloo", timeout=timeout) if self.distributed else None
+        )
+        self.save_group = (
+            dist.new_group(backend="gloo", timeout=timeout) if self.distributed else None
+        )
 
     def agree_any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is True on some rank (training thread's group)."""

@@ -1,7 +1,7 @@
 """What DNS says about which pods exist, applied to torch's dynamic rendezvous state.
 
 A deleted pod's record leaves the headless Service: its node is dropped from the rendezvous at
-once instead of after torch's keep-alive expiry, and a round closes as soon as every live pod has
+once instead of after torch's keep-alive expiry (and the pods of its round restart their workers), and a round closes as soon as every live pod has
 joined instead of waiting out ``last_call_timeout``. It never adds nodes, never ranks them and
 never writes the shared state itself: torch's own operations do, from the view this module edits.
 """
@@ -88,6 +88,15 @@ class DnsMembership:
         )  # an empty Service is a DNS outage, not a verdict
         self._cached = (now, live)
         return live
+
+    def gone(self, addresses: Iterable[str]) -> frozenset[str]:
+        """Those of ``addresses`` that were in DNS and are not now (empty when a lookup failed)."""
+        with self._lock:
+            live = self.live_addresses()
+            if live is None:
+                return frozenset()
+            self.seen |= live
+            return frozenset(addr for addr in addresses if addr in self.seen and addr not in live)
 
     def apply(self, state: Any, settings: Any, dead_nodes: Iterable[Any]) -> None:
         """Edit torch's ``_RendezvousState`` in place after a sync (see ``install_dns_membership``)."""

@@ -300,8 +300,11 @@ def _make_handler_class() -> type:
             static_num_nodes: int | None,
             store: Store,
             backend_name: str,
+            membership: DnsMembership | None = None,
         ) -> None:
             self._inner = inner
+            self._membership = membership
+            self._round_addrs: frozenset[str] = frozenset()  # the pods of this node's round
             self._backend_name = backend_name
             self._identity = identity
             self._pod_ip = pod_ip
@@ -321,6 +324,7 @@ def _make_handler_class() -> type:
             # MASTER_ADDR (only a node that was never rank 0 before publishes it); this handler
             # serves the workers' store itself, so the inner handler runs with sharing disabled.
             started = time.monotonic()
+            self._round_addrs = frozenset()
             logger.info(
                 "%s rendezvous: pod %s joining", self._backend_name, self._identity.hostname
             )
@@ -357,6 +361,7 @@ def _make_handler_class() -> type:
                 self._bootstrap_server = listening_tcp_store(self._pod_ip, 0)
                 store.set("bootstrap", json.dumps([self._pod_ip, self._bootstrap_server.port]))
             master_addr, master_port = json.loads(store.get("bootstrap"))
+            self._round_addrs = frozenset(entry["addr"] for entry in entries)
             logger.info(
                 "%s rendezvous: pod %s (ordinal %s) is node %d of %d; workers' store %s; round took "
                 "%.2f s",
@@ -379,7 +384,26 @@ def _make_handler_class() -> type:
             self._inner.set_closed()
 
         def num_nodes_waiting(self) -> int:
-            return self._inner.num_nodes_waiting()
+            # torch's agent asks this every monitor interval while its workers look healthy; a
+            # pod of this round that left DNS counts too, so survivors whose workers sit blocked
+            # on it restart now instead of when a collective times out or a peer re-joins.
+            waiting = self._inner.num_nodes_waiting()
+            if waiting:
+                return waiting
+            lost = self.lost_peers()
+            if lost:
+                logger.warning(
+                    "%s rendezvous: pod(s) %s of this round left DNS: restarting the workers",
+                    self._backend_name,
+                    ", ".join(sorted(lost)),
+                )
+            return len(lost)
+
+        def lost_peers(self) -> frozenset[str]:
+            """Addresses of this round's pods that have left DNS (empty without DNS membership)."""
+            if self._membership is None:
+                return frozenset()
+            return self._membership.gone(self._round_addrs - {self._pod_ip})
 
         def get_run_id(self) -> str:
             return self._inner.get_run_id()
@@ -428,6 +452,7 @@ def wrap_dynamic_handler(
         static_num_nodes=static_num_nodes,
         store=store,
         backend_name=backend_name,
+        membership=membership,
     )
 
 

@@ -117,3 +117,14 @@ def test_dns_failure_decides_nothing() -> None:
     membership.seen = {B}
     membership.apply(state, settings(), ())
     assert node in state.participants
+
+
+def test_gone_names_round_pods_that_left_dns_never_unseen_ones_or_on_a_dns_failure() -> None:
+    resolver = Table((A, B, C))
+    membership = DnsMembership(service=SERVICE, own_address=A, resolver=resolver, cache_s=0)
+    assert membership.gone({A, B, C}) == frozenset()
+    resolver.addresses = (A, B)
+    assert membership.gone({A, B, C}) == {C}
+    assert membership.gone({A, B, "10.0.0.99"}) == frozenset()  # never in DNS: may be late
+    resolver.addresses = ()
+    assert membership.gone({A, B, C}) == frozenset()  # an empty Service is an outage, no verdict
