@@ -6,7 +6,7 @@ from pathlib import Path
 
 from launchers.run import SHARED_STORE_VARIABLE
 from trainkit.comms import apply_plan
-from trainkit.env_vars import APPLIED_VARIABLE
+from trainkit.env_vars import APPLIED_VARIABLE, MEMORY_ROOT_VARIABLE, REPLICA_ADDRESS_VARIABLE
 from trainkit.metrics.settings import METRICS_DIR_VARIABLE
 from trainkit.preemption import EXIT_STATUS_DIR_VARIABLE
 
@@ -28,6 +28,8 @@ def test_worker_environment_row_names_what_trainkit_run_adds() -> None:
         SHARED_STORE_VARIABLE,
         APPLIED_VARIABLE,
         METRICS_DIR_VARIABLE,
+        MEMORY_ROOT_VARIABLE,
+        REPLICA_ADDRESS_VARIABLE,
         *nccl,
     }
     missing = sorted(name for name in added if f"`{name}" not in row)
