@@ -316,6 +316,7 @@ def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None)
     from launchers.restarts import install_restart_policy
     from launchers.standalone import use_standalone_rendezvous
     from trainkit.comms import CommsPlanError, apply_plan
+    from trainkit.k8s.rendezvous import RendezvousConfigError
     from trainkit.k8s.signed_state import require_job_token
     from trainkit.metrics.exporter import start_pod_exporter
 
@@ -392,6 +393,9 @@ def run(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None)
         return 0
     except ChildFailedError as error:
         return _summarise_failure(error)
+    except RendezvousConfigError as error:
+        print(f"trainkit-run: {error}", file=sys.stderr, flush=True)
+        return 2
     except RendezvousError as error:
         print(
             f"trainkit-run: rendezvous failed ({type(error).__name__}): {error}",

@@ -1,5 +1,6 @@
 """trainkit-run against torchrun on what to run and how many: a directory target, an out-of-tree
-accelerator's ``--nproc-per-node``, one node in a StatefulSet pod."""
+accelerator's ``--nproc-per-node``, one node in a StatefulSet pod; and a ``k8s`` rendezvous that
+cannot start as configured."""
 
 from __future__ import annotations
 
@@ -176,3 +177,22 @@ def test_one_node_in_a_statefulset_pod_runs_like_torchrun(tmp_path: Path) -> Non
     assert "ordinal 1 of a statefulset" in result.stderr
     assert "Traceback" not in result.stderr
     assert records(tmp_path)["rank-0"]["local_world_size"] == "1"
+
+
+def test_a_k8s_rendezvous_it_cannot_start_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    """More than one node asked for, but no headless Service named: the handler's reason in one
+    line, a usage error, no traceback."""
+    script = tmp_path / "hi.py"
+    script.write_text("print('never runs')\n")
+    flags = ["--rdzv-backend", "k8s", "--nnodes", "1:2", "--nproc-per-node", "1"]
+    result = subprocess.run(
+        [*TRAINKIT_RUN, *flags, "--no-fork-workers", str(script)],
+        env=clean_env(TRAINKIT_JOB_TOKEN="a-job-token-of-24-bytes!"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "trainkit-run: k8s rendezvous: no headless Service" in result.stderr
+    assert "never runs" not in result.stdout

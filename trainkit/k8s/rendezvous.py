@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_PORT",
     "K8sRendezvousConfig",
+    "RendezvousConfigError",
     "create_k8s_handler",
     "handler_factory",
     "locate_store",
@@ -56,6 +57,13 @@ logger = logging.getLogger("trainkit.k8s.rendezvous")
 DEFAULT_PORT = DEFAULT_RDZV_PORT
 
 _KEY_PREFIX = "trainkit.k8s/"
+
+
+class RendezvousConfigError(ValueError):
+    """The ``k8s`` rendezvous cannot start as configured (flags, pod identity, job token); the
+    message names what and the fix. trainkit-run reports it in one line and exits 2."""
+
+
 _DISABLE_SHARED_STORE = "TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 
 
@@ -467,7 +475,23 @@ def create_k8s_handler(
 
     Needs ``TRAINKIT_JOB_TOKEN`` in ``env`` (default ``os.environ``) unless
     ``TRAINKIT_RDZV_ALLOW_UNAUTHENTICATED=1``; the store this pod hosts listens on its pod IP only.
+    A configuration it cannot start with raises ``RendezvousConfigError`` (a ``ValueError``).
     """
+    try:
+        return _create_k8s_handler(params, identity=identity, resolver=resolver, env=env)
+    except RendezvousConfigError:
+        raise
+    except ValueError as error:
+        raise RendezvousConfigError(str(error)) from error
+
+
+def _create_k8s_handler(
+    params: RendezvousParameters,
+    *,
+    identity: PodIdentity | None,
+    resolver: Resolver | None,
+    env: Mapping[str, str] | None,
+) -> RendezvousHandler:
     from torch.distributed import TCPStore
     from torch.distributed.elastic.rendezvous import (
         RendezvousConnectionError,
