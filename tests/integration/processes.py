@@ -40,7 +40,9 @@ def start(
     )
 
 
-def finish(process: subprocess.Popen[str], timeout_s: float, what: str) -> tuple[int, str]:
+def finish(
+    process: subprocess.Popen[str], timeout_s: float = 150, what: str = "the launcher"
+) -> tuple[int, str]:
     """Exit code and output; fails the test (after killing the session) past ``timeout_s``."""
     try:
         output, _ = process.communicate(timeout=timeout_s)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.processes import finish
 from trainkit.preemption import EXIT_PREEMPTED
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -27,16 +28,6 @@ def clean_env(**extra: str) -> dict[str, str]:
         if not k.startswith(("PET_", "TORCHELASTIC_", "TRAINKIT_"))
     }
     return {**env, "OMP_NUM_THREADS": "1", **extra}
-
-
-def finish(process: subprocess.Popen[str], timeout_s: float) -> tuple[int, str]:
-    try:
-        output, _ = process.communicate(timeout=timeout_s)
-        return process.returncode, output
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
 
 
 def test_one_rank_exiting_75_without_an_agreed_save_is_a_failure(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.integration.processes import finish
 from trainkit.exit_codes import EXIT_PREEMPTED
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -42,16 +43,6 @@ def start(launcher: list[str], nproc: int, *args: str, **env: str) -> subprocess
         env=clean_env(**env),
         start_new_session=True,
     )
-
-
-def finish(process: subprocess.Popen[str], timeout_s: float = 150) -> tuple[int, str]:
-    try:
-        output, _ = process.communicate(timeout=timeout_s)
-        return process.returncode, output
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
 
 
 def read_samples(out: Path, rank: int) -> list[str]:

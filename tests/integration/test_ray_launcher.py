@@ -20,6 +20,7 @@ import torch
 
 from shards import write_shards
 from tests.integration import torchrun_contract
+from tests.integration.processes import finish as finish_within
 from tests.integration.scripts.ray_cluster import ray_cluster, ray_env
 from trainkit.exit_codes import EXIT_PREEMPTED
 
@@ -54,13 +55,7 @@ def start(launcher: list[str], args: list[str], **env: str) -> subprocess.Popen[
 
 
 def finish(process: subprocess.Popen[str], timeout_s: float = 400) -> tuple[int, str]:
-    try:
-        output, _ = process.communicate(timeout=timeout_s)
-        return process.returncode, output
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
+    return finish_within(process, timeout_s)
 
 
 def ray_launch(address: str, num_workers: int, *args: str, **env: str) -> tuple[int, str]:

@@ -283,6 +283,7 @@ class RecordingProxy:
             else None
         )
         self.client_bytes = bytearray()
+        self.forwarded_to_client = 0  # bytes passed on from upstream
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.address = self.listener.getsockname()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -297,6 +298,8 @@ class RecordingProxy:
                 while data := source.recv(16384 if self.bucket else 65536):
                     if not record and self.bucket is not None:
                         self.bucket.consume(len(data))
+                    if not record:
+                        self.forwarded_to_client += len(data)
                     if record:
                         if self.alter is not None:
                             data = self.alter(len(self.client_bytes), data)
