@@ -6,14 +6,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.integration.processes import finish, start
 from trainkit.checkpoint import load_full_state_dict
 from trainkit.checkpoint.commit import step_dir_name
 from trainkit.cli import build_parser
@@ -39,21 +38,10 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     out.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "TORCHELASTIC_"))}
     env["OMP_NUM_THREADS"] = "1"
-    process = subprocess.Popen(
-        [*TORCHRUN, str(WRITER), str(root), str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        start_new_session=True,
+    code, output = finish(
+        start([*TORCHRUN, str(WRITER), str(root), str(out)], env), 180, "the checkpoint writers"
     )
-    try:
-        output, _ = process.communicate(timeout=180)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-    assert process.returncode == 0, output[-4000:]
+    assert code == 0, output[-4000:]
     data_files = sorted(path.name for path in (root / step_dir_name(7)).glob("*.distcp"))
     assert data_files == ["__0_0.distcp", "__1_0.distcp"]  # both ranks wrote part of the state
     return root, out

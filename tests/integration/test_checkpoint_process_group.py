@@ -4,12 +4,13 @@ one after ``trainkit.init()`` and with two ranks (DCP gathers read errors across
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.integration.processes import finish, start
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -20,21 +21,9 @@ WORKER = Path(__file__).parents[1] / "trainkit" / "checkpoint" / "scripts" / "fa
 def run_workers(nproc: int, root: Path, out: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PET_", "TORCHELASTIC_"))}
     env["OMP_NUM_THREADS"] = "1"
-    process = subprocess.Popen(
-        [*TORCHRUN, "--nproc-per-node", str(nproc), str(WORKER), str(root), str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        output, _ = process.communicate(timeout=240)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-    return subprocess.CompletedProcess(process.args, process.returncode, output)
+    command = [*TORCHRUN, "--nproc-per-node", str(nproc), str(WORKER), str(root), str(out)]
+    code, output = finish(start(command, env), 240, "the checkpoint workers")
+    return subprocess.CompletedProcess(command, code, output)
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
