@@ -200,8 +200,31 @@ def current_world() -> World | None:
     return _world if _world is not None and dist.is_initialized() else None
 
 
-def shutdown() -> None:
-    """Leave the process group; every rank calls it. Safe to call twice or without ``init()``."""
+def shutdown(*, timeout_s: float | None = None) -> bool:
+    """Leave the process group; every rank calls it. Safe to call twice or without ``init()``.
+
+    With ``timeout_s``, give up waiting after that long (a peer frozen or cut off never reaches
+    the barrier) and return False, the group left as it is; errors are then logged, not raised.
+    True when the group was left.
+    """
+    if timeout_s is None:
+        _leave()
+        return True
+    done = threading.Event()
+
+    def leave() -> None:
+        try:
+            _leave()
+        except Exception:
+            logger.exception("trainkit: leaving the process group failed")
+        finally:
+            done.set()
+
+    threading.Thread(target=leave, name="trainkit-leave-group", daemon=True).start()
+    return done.wait(timeout_s)
+
+
+def _leave() -> None:
     global _world, _timeout
     import torch.distributed as dist
 

@@ -10,7 +10,6 @@ import contextlib
 import logging
 import os
 import sys
-import threading
 import weakref
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -59,7 +58,7 @@ def exit_preempted(*managers: CheckpointManager) -> NoReturn:
             # error must not turn a clean, retriable exit into a crash.
             logger.exception("trainkit: closing a checkpoint manager before exiting failed")
     timeout_s = leave_timeout_s()
-    if not _within(timeout_s, shutdown):
+    if not shutdown(timeout_s=timeout_s):
         logger.warning(
             "trainkit: leaving the process group took over %.0f s (a peer gone after the agreed "
             "save?); exiting without it",
@@ -78,20 +77,3 @@ def leave_timeout_s() -> float:
     """``LEAVE_TIMEOUT_S``, or half the grace period when that is shorter (the rest is the save's)."""
     grace_s = read_grace_period_s()
     return LEAVE_TIMEOUT_S if grace_s is None else min(LEAVE_TIMEOUT_S, grace_s / 2)
-
-
-def _within(timeout_s: float, action: Any) -> bool:
-    """Run ``action`` in a daemon thread; whether it finished within ``timeout_s``. Its errors
-    are logged: after a committed preemption save nothing it raises changes the exit."""
-    done = threading.Event()
-
-    def run() -> None:
-        try:
-            action()
-        except Exception:
-            logger.exception("trainkit: leaving the process group failed")
-        finally:
-            done.set()
-
-    threading.Thread(target=run, name="trainkit-leave-group", daemon=True).start()
-    return done.wait(timeout_s)
